@@ -1,0 +1,1 @@
+"""Writing, verifying and reading WebDataset shards of JPEG images."""

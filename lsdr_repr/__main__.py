@@ -1,0 +1,3 @@
+from lsdr_repr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The `lsdr` command: a thin argparse front over the library.
+
+Each handler parses, calls one library function and prints its result; library errors
+(`LsdrError`) become one line on stderr and exit status 2. Heavy imports happen inside the
+handlers so `lsdr --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from lsdr_repr.errors import LsdrError
+
+log = logging.getLogger("lsdr_repr")
+
+EXIT_USAGE_ERROR = 2
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
+        formatter_class=_formatter,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsdr",
+        description="lsdr-repr: pretrain image backbones invariant to lighting, rotation and scale.",
+        formatter_class=_formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(sub, "demo", "Write the embedded sample shards, train, export and evaluate.",
+             "lsdr demo runs/demo")
+    p.add_argument("run_dir", nargs="?", default="runs/demo")
+    p.add_argument("--data", default="data/sample", help="where the sample shards live")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = _add(sub, "train", "Train (or resume) a run from a YAML config with key=value overrides.",
+             "lsdr train configs/demo.yaml optim.lr=0.1 data.batch_size=64")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=_cmd_train)
+
+    p = _add(sub, "config", "Print the resolved config as YAML (after preset and overrides).",
+             "lsdr config configs/resnet50_imagenet.yaml optim.lr=0.3")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=_cmd_config)
+
+    shards = _add(sub, "shards", "Write, verify and sample WebDataset shards.",
+                  "lsdr shards write ~/images data/shards --max-side 512")
+    ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    from data_pipelines.cli import add_shard_commands
+
+    add_shard_commands(ssub, _add)
+
+    for register in _extension_registrars():
+        register(sub, _add)
+    return parser
+
+
+def _extension_registrars():
+    """Subcommands owned by other modules (submit/status, export, eval), added as they exist."""
+    import importlib
+
+    for module_name in ("lsdr_repr.submit", "lsdr_repr.export", "lsdr_repr.evaluate"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        register = getattr(module, "add_cli_commands", None)
+        if register is not None:
+            yield register
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lsdr_repr.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lsdr_repr.config import check_required, load_config
+    from lsdr_repr.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    check_required(cfg, args.config)
+    result = train(cfg)
+    return result.exit_code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lsdr_repr.demo import run_demo
+
+    return run_demo(args.run_dir, args.data, args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except LsdrError as exc:
+        print(f"lsdr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    except KeyboardInterrupt:
+        print("lsdr: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,429 @@
+"""The typed run configuration: one dataclass tree, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=0.1", "data.batch_size=64"])
+
+Every value is checked against its annotation; unknown keys, wrong types and missing required
+values raise one-line `ConfigError`s naming the key and the file. `config_to_dict` gives the plain
+(YAML/JSON-able) form that is saved in checkpoints and logged to W&B; `config_from_dict` turns it back
+into the identical tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lsdr_repr.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _required(default: Any = "") -> Any:
+    """A field the user must set (checked by `check_required`, not at load: `shards` needs no run)."""
+    return field(default=default, metadata={"required": True})
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train_shards: str = _required()  # dir with manifest.json, a .tar, or a brace pattern
+    val_shards: str | None = None  # labelled held-out shards (online kNN, eval, tuning)
+    test_shards: str | None = None  # read once per reported configuration
+    image_size: int = 256  # S: side of the uint8 batch the loader produces
+    batch_size: int = 256  # global batch (all ranks together), in images (pairs of views)
+    num_workers: int = 8
+    prefetch_factor: int = 4
+    shuffle_buffer: int = 2000
+    decode: Literal["cpu", "gpu"] = "cpu"
+    pin_memory: bool = True
+    resampled: bool = True  # infinite stream of shards sampled with replacement
+
+
+# ------------------------------------------------------------------------------------ augment
+@dataclass
+class ScaleAug:
+    p: float = 1.0
+    area: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area fraction
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    zoom_out_p: float = 0.0  # probability of shrinking the image inside the view instead
+    zoom_out: tuple[float, float] = (1.0, 1.0)  # shrink factor range (>1: image smaller)
+
+
+@dataclass
+class RotationAug:
+    p: float = 0.0
+    degrees: float = 0.0  # uniform in [-degrees, degrees]
+    border: Literal["reflection", "crop"] = "reflection"
+
+
+@dataclass
+class LightingAug:
+    p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gamma: float = 0.0  # log-uniform gamma in [1/(1+g), 1+g]
+    temperature: float = 0.0  # white-balance shift strength (red/blue gains)
+
+
+@dataclass
+class BlurAug:
+    p: list[float] = field(default_factory=lambda: [1.0, 0.1])  # per view, cycled
+    sigma: tuple[float, float] = (0.1, 2.0)  # as a fraction-free pixel sigma at crop_size 224
+    kernel_size: int = 23
+
+
+@dataclass
+class SolarizeAug:
+    p: list[float] = field(default_factory=lambda: [0.0, 0.2])  # per view, cycled
+    threshold: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    preset: str | None = None  # vicreg | barlow | lsdr-invariance: base values under the file's
+    num_views: int = 2
+    crop_size: int = 224  # R
+    local_crops: int = 0  # multi-crop: extra small views
+    local_crop_size: int = 96
+    local_area: tuple[float, float] = (0.05, 0.3)
+    scale: ScaleAug = field(default_factory=ScaleAug)
+    rotation: RotationAug = field(default_factory=RotationAug)
+    lighting: LightingAug = field(default_factory=LightingAug)
+    flip_p: float = 0.5
+    grayscale_p: float = 0.2
+    blur: BlurAug = field(default_factory=BlurAug)
+    solarize: SolarizeAug = field(default_factory=SolarizeAug)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+# The presets are data: `augment.preset: vicreg` starts from these values; keys written in the
+# file or on the command line override them.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    # VICReg (Bardes et al. 2022, appendix C.1): RRC(0.08,1), flip, jitter(0.4,0.4,0.2,0.1) p=0.8,
+    # grayscale 0.2, blur p=1.0/0.1, solarize p=0.0/0.2.
+    "vicreg": {
+        "scale": {"p": 1.0, "area": [0.08, 1.0]},
+        "lighting": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
+        "flip_p": 0.5,
+        "grayscale_p": 0.2,
+        "blur": {"p": [1.0, 0.1]},
+        "solarize": {"p": [0.0, 0.2]},
+    },
+    # Barlow Twins (Zbontar et al. 2021): the BYOL recipe, the same values as above.
+    "barlow": {
+        "scale": {"p": 1.0, "area": [0.08, 1.0]},
+        "lighting": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
+        "flip_p": 0.5,
+        "grayscale_p": 0.2,
+        "blur": {"p": [1.0, 0.1]},
+        "solarize": {"p": [0.0, 0.2]},
+    },
+    # The three invariance families stronger: zoom in and out, full rotations, gamma and
+    # white balance on top of colour jitter.
+    "lsdr-invariance": {
+        "scale": {"p": 1.0, "area": [0.08, 1.0], "zoom_out_p": 0.3, "zoom_out": [1.0, 2.0]},
+        "rotation": {"p": 0.8, "degrees": 180.0, "border": "reflection"},
+        "lighting": {
+            "p": 0.9, "brightness": 0.5, "contrast": 0.5, "saturation": 0.3, "hue": 0.1,
+            "gamma": 0.5, "temperature": 0.3,
+        },
+        "flip_p": 0.5,
+        "grayscale_p": 0.2,
+        "blur": {"p": [1.0, 0.1]},
+        "solarize": {"p": [0.0, 0.2]},
+    },
+}
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # any timm model name
+    projector: list[int] = field(default_factory=lambda: [8192, 8192, 8192])  # VICReg's
+    projector_bn: bool = True
+    stages: list[int] = field(default_factory=list)  # backbone stages for layer-wise decorrelation
+    grad_checkpointing: bool = False
+    channels_last: bool = True
+    drop_path_rate: float = 0.0
+
+
+# ---------------------------------------------------------------------------------- objective
+@dataclass
+class ObjectiveConfig:
+    name: Literal["lsdr", "vicreg", "barlow"] = "lsdr"
+    invariance_weight: float = 25.0
+    variance_weight: float = 25.0
+    decorrelation_weight: float = 1.0
+    gamma: float = 1.0  # variance hinge target std
+    eps: float = 1e-4
+    layer_weights: list[float] = field(default_factory=list)  # one per model.stages entry
+    barlow_lambda: float = 0.0051  # Barlow Twins off-diagonal weight
+
+
+# -------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    name: Literal["lars", "adamw", "sgd"] = "lars"
+    lr: float = 0.2  # base learning rate at `base_batch_size`, scaled with the global batch
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    base_batch_size: int = 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    lars_trust: float = 0.001
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.002  # cosine decays to lr * min_lr_ratio
+    clip_grad: float | None = None
+    accumulation_steps: int = 1
+
+
+# -------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    run_dir: str = _required()
+    total_steps: int = 1000
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    compile_augment: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    image_grid_every: int = 1000  # 0 disables
+    spectrum_every: int = 1000  # embedding covariance spectrum plot; 0 disables
+    eval_every: int = 0  # online kNN on data.val_shards; 0 disables
+    max_nonfinite_steps: int = 10
+    preempt_signal: str = "SIGUSR2"
+
+
+# ---------------------------------------------------------------------------------------- log
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "lsdr-repr"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+
+
+# -------------------------------------------------------------------------------------- slurm
+@dataclass
+class SlurmConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 16
+    partition: str | None = None
+    time: str = "24:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem: str | None = None
+    exclusive: bool = False
+    signal_seconds: int = 120  # preemption signal this long before the time limit
+    max_requeues: int = 20
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+    extra_sbatch: list[str] = field(default_factory=list)  # raw "#SBATCH" options
+
+
+# ------------------------------------------------------------------------------------- export
+@dataclass
+class ExportConfig:
+    format: Literal["timm", "hf", "onnx", "torchscript"] = "timm"
+    out_dir: str | None = None  # default: RUN_DIR/export
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply the augment preset and `a.b=value` overrides, type-check it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(raw, overrides, source=str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> None:
+    """Set `a.b.c=value` entries into the nested dict `raw` (values parsed as YAML scalars)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: override '{key}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Build and type-check a `Config` from plain data (the inverse of `config_to_dict`)."""
+    raw = copy.deepcopy(raw)
+    augment = raw.get("augment")
+    if isinstance(augment, dict) and augment.get("preset") is not None:
+        name = augment["preset"]
+        if name not in AUGMENT_PRESETS:
+            known = ", ".join(AUGMENT_PRESETS)
+            raise ConfigError(f"{source}: augment.preset: unknown preset '{name}' (known: {known})")
+        raw["augment"] = _deep_merge(AUGMENT_PRESETS[name], augment)
+    return _build(Config, raw, "", source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON, W&B and checkpoints."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def check_required(cfg: Config, source: str = "config") -> None:
+    """Raise a `ConfigError` naming the first required value left unset."""
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        for f in dataclasses.fields(value):
+            if f.metadata.get("required") and getattr(value, f.name) in ("", None):
+                raise ConfigError(f"{source}: {section.name}.{f.name} is required but not set")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known here: {known})")
+    kwargs = {}
+    for name in names & set(raw):
+        kwargs[name] = _convert(hints[name], raw[name], f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.", source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(tp, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(map(str, args))
+            raise ConfigError(f"{source}: {key}: expected one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(tp, value, key, source)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"{source}: {key}: expected {len(args)} values, got {len(value)}: {value!r}"
+                )
+            return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0]
+        items = [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(tp, value, key, source)
+        return {str(k): _convert(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(tp, value, key, source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(tp, value, key, source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(tp, value, key, source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(tp, value, key, source)
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")  # a bug in this file
+
+
+def _type_error(tp: Any, value: Any, key: str, source: str) -> ConfigError:
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return ConfigError(f"{source}: {key}: expected {name}, got {value!r}")

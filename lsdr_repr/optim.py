@@ -1,0 +1,66 @@
+"""Optimiser and learning-rate schedule factories (timm's), shared by pretraining and fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from lsdr_repr.config import OptimConfig
+
+
+def scaled_lr(optim_cfg: OptimConfig, global_batch_size: int) -> float:
+    """The base learning rate scaled from `base_batch_size` to the global batch size.
+
+    Linear scaling as in SimCLR/VICReg (lr = base_lr * B / 256), or square-root scaling for
+    adaptive optimisers at very large batches.
+    """
+    ratio = global_batch_size / optim_cfg.base_batch_size
+    if optim_cfg.lr_scaling == "linear":
+        return optim_cfg.lr * ratio
+    if optim_cfg.lr_scaling == "sqrt":
+        return optim_cfg.lr * math.sqrt(ratio)
+    return optim_cfg.lr
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim_cfg: OptimConfig, global_batch_size: int
+) -> torch.optim.Optimizer:
+    """LARS, AdamW or SGD from timm's factory.
+
+    `filter_bias_and_bn` puts biases and normalisation weights (all 1-d parameters) in a group
+    with weight decay 0; timm's LARS skips the trust-ratio adaptation for exactly those groups,
+    which is the exclusion the VICReg and Barlow Twins papers use.
+    """
+    kwargs: dict = {}
+    if optim_cfg.name == "lars":
+        kwargs["trust_coeff"] = optim_cfg.lars_trust
+    if optim_cfg.name == "adamw":
+        kwargs["betas"] = tuple(optim_cfg.betas)
+    return create_optimizer_v2(
+        model,
+        opt=optim_cfg.name,
+        lr=scaled_lr(optim_cfg, global_batch_size),
+        weight_decay=optim_cfg.weight_decay,
+        momentum=optim_cfg.momentum,
+        filter_bias_and_bn=True,
+        **kwargs,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int
+) -> CosineLRScheduler:
+    """Linear warm-up then cosine decay, stepped per optimiser update (`step_update(step)`)."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps),
+        lr_min=base_lr * optim_cfg.min_lr_ratio,
+        warmup_t=optim_cfg.warmup_steps,
+        warmup_lr_init=base_lr * 1e-3 if optim_cfg.warmup_steps else 0.0,
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )

@@ -1,0 +1,56 @@
+"""Turn SIGTERM and the preemption signal into a flag the training loop checks between steps.
+
+The handler only sets a flag: the step in flight finishes, every rank agrees on the stop step
+(an all-reduce of the flag), the checkpoint is written, and the process exits with
+`EXIT_PREEMPTED` so the SLURM script knows to requeue.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import types
+
+from lsdr_repr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """'SIGUSR2', 'USR2' or '12' -> signal.SIGUSR2."""
+    text = name.strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            raise ConfigError(f"train.preempt_signal: unknown signal number {name!r}") from None
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return signal.Signals[text]
+    except KeyError:
+        raise ConfigError(f"train.preempt_signal: unknown signal {name!r}") from None
+
+
+class PreemptionFlag:
+    """Installs handlers for SIGTERM and `preempt_signal`; restores the old ones on `close()`."""
+
+    def __init__(self, preempt_signal: str) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        for sig in {signal.SIGTERM, parse_signal(preempt_signal)}:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            log.warning("received %s: finishing this step, then checkpoint and exit", self.received.name)
+
+    @property
+    def is_set(self) -> bool:
+        return self.received is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
