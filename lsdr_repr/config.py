@@ -78,8 +78,8 @@ class LightingAug:
 @dataclass
 class BlurAug:
     p: list[float] = field(default_factory=lambda: [1.0, 0.1])  # per view, cycled
-    sigma: tuple[float, float] = (0.1, 2.0)  # as a fraction-free pixel sigma at crop_size 224
-    kernel_size: int = 23
+    sigma: tuple[float, float] = (0.1, 2.0)  # uniform, in pixels of the view (as PIL's radius)
+    kernel_size: int = 23  # odd; taps beyond kernel_size // 2 pixels are cut off
 
 
 @dataclass
@@ -93,6 +93,7 @@ class AugmentConfig:
     preset: str | None = None  # vicreg | barlow | lsdr-invariance: base values under the file's
     num_views: int = 2
     crop_size: int = 224  # R
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resampling of the crop warp
     local_crops: int = 0  # multi-crop: extra small views
     local_crop_size: int = 96
     local_area: tuple[float, float] = (0.05, 0.3)
@@ -110,9 +111,11 @@ class AugmentConfig:
 # The presets are data: `augment.preset: vicreg` starts from these values; keys written in the
 # file or on the command line override them.
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
-    # VICReg (Bardes et al. 2022, appendix C.1): RRC(0.08,1), flip, jitter(0.4,0.4,0.2,0.1) p=0.8,
-    # grayscale 0.2, blur p=1.0/0.1, solarize p=0.0/0.2.
+    # VICReg as released (facebookresearch/vicreg augmentations.py, the BYOL recipe): bicubic
+    # RRC(0.08, 1), flip 0.5, jitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, blur sigma 0.1-2
+    # with p=1.0 / 0.1 and solarize p=0.0 / 0.2 for the first / second view.
     "vicreg": {
+        "interpolation": "bicubic",
         "scale": {"p": 1.0, "area": [0.08, 1.0]},
         "lighting": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
         "flip_p": 0.5,
@@ -120,8 +123,9 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "blur": {"p": [1.0, 0.1]},
         "solarize": {"p": [0.0, 0.2]},
     },
-    # Barlow Twins (Zbontar et al. 2021): the BYOL recipe, the same values as above.
+    # Barlow Twins (facebookresearch/barlowtwins main.py `Transform`): the same BYOL recipe.
     "barlow": {
+        "interpolation": "bicubic",
         "scale": {"p": 1.0, "area": [0.08, 1.0]},
         "lighting": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
         "flip_p": 0.5,
@@ -156,6 +160,9 @@ class ModelConfig:
     grad_checkpointing: bool = False
     channels_last: bool = True
     drop_path_rate: float = 0.0
+    sync_bn: bool = True  # SyncBatchNorm under multi-GPU DDP (as VICReg); gloo/CPU keeps per-rank BN
+    # extra timm.create_model arguments, e.g. {img_size: 96, dynamic_img_size: true} for a ViT
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- objective
@@ -230,6 +237,7 @@ class LogConfig:
 class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # ranks per node; None: one per GPU (1 if gpus_per_node 0)
     cpus_per_task: int = 16
     partition: str | None = None
     time: str = "24:00:00"

@@ -1,0 +1,292 @@
+"""Batched tensor maths behind `lsdr_repr.augment`: pure functions, per-sample parameters.
+
+Every function takes and returns tensors with the batch first and contains no Python branch on
+tensor values, so the whole chain traces under `torch.compile(fullgraph=True)` and CUDA graphs.
+
+Coordinates follow `torch.nn.functional.affine_grid` with `align_corners=False`: a view pixel at
+normalised position u in [-1, 1]^2 (x right, y down) reads the source at `theta @ [u, 1]`, also
+normalised to [-1, 1]^2 over the whole source image.
+
+Colour maths (a fixed order, unlike torchvision's ColorJitter, which shuffles its four steps):
+
+    x -> x ** gamma -> D (white balance) -> brightness b -> contrast c -> saturation S -> hue H
+      -> grayscale G -> clamp to [0, 1]
+
+Every step after gamma is linear in x apart from contrast's pull toward the image's mean gray,
+and S, H and G all map gray to itself, so the chain is `y = M x + o` per sample with
+`M = c b G H S D` and `o = (1 - c) b (w . D x_mean)` (w: luma weights, x_mean: mean colour of
+the view after gamma). Intermediate clamps of torchvision's step-by-step version are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ITU-R BT.601 luma, the weights of kornia.color.rgb_to_grayscale (torchvision: 0.2989).
+LUMA = (0.299, 0.587, 0.114)
+
+StageHook = Callable[[str], None] | None
+
+
+def to_float01(images: Tensor) -> Tensor:
+    """uint8 [B,3,H,W] in 0..255 -> float32 [B,3,H,W] in [0,1]; float input is cast to float32."""
+    if images.dtype == torch.uint8:
+        return images * (1.0 / 255.0)  # one kernel: uint8 * python float promotes to float32
+    return images.float()
+
+
+# ------------------------------------------------------------------------------ geometry
+def affine_theta(
+    center: Tensor, extent: Tensor, angle: Tensor, flip: Tensor, aspect: float = 1.0
+) -> Tensor:
+    """Per-sample 2x3 matrices mapping view coordinates to source coordinates (both normalised).
+
+    center [B,2]: view centre in the source; extent [B,2]: half width/height of the unrotated view
+    as a fraction of the source side (1 = whole image, >1 = zoomed out); angle [B] radians,
+    positive = content turned counter-clockwise on screen (torchvision's convention; 90 degrees
+    is `torch.rot90(x, 1, dims=(2, 3))`); flip [B] bool, horizontal mirror of the view; aspect =
+    view width / height in pixels, so the rotation is a rotation in pixels. Returns [B,2,3]:
+    A = diag(extent) . diag(1/aspect, 1) R diag(aspect, 1) . diag(flip, 1), theta = [A | center].
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    f = 1.0 - 2.0 * flip.to(cos.dtype)
+    ex, ey = extent[:, 0], extent[:, 1]
+    row0 = torch.stack([ex * cos * f, -ex * sin / aspect, center[:, 0]], dim=1)
+    row1 = torch.stack([ey * sin * aspect * f, ey * cos, center[:, 1]], dim=1)
+    return torch.stack([row0, row1], dim=1)
+
+
+def fit_inside(theta: Tensor, keep: Tensor) -> Tensor:
+    """Shrink each view (about its centre) until its footprint lies inside the source.
+
+    theta [B,2,3]; keep [B] bool: samples left unchanged (zoomed-out views, which cannot fit).
+    The footprint of the view square under A spans |A_r0| + |A_r1| around the centre along source
+    axis r; A is scaled by k = min(1, 1 / max_r span_r) and the centre then clamped so the
+    footprint stays inside [-1, 1]. A view that already fits is unchanged. Returns [B,2,3].
+    """
+    lin, center = theta[:, :, :2], theta[:, :, 2]
+    span = lin.abs().sum(dim=2)  # [B,2]
+    k = torch.clamp(1.0 / span.amax(dim=1), max=1.0)
+    k = torch.where(keep, torch.ones_like(k), k)
+    lin = lin * k[:, None, None]
+    room = (1.0 - span * k[:, None]).clamp(min=0.0)
+    fitted = torch.maximum(torch.minimum(center, room), -room)
+    center = torch.where(keep[:, None], center, fitted)
+    return torch.cat([lin, center[:, :, None]], dim=2)
+
+
+def warp(x: Tensor, theta: Tensor, out_hw: tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Resample float [B,C,H,W] through theta [B,2,3] into [B,C,out_h,out_w].
+
+    One affine_grid + grid_sample per view carries crop, resize, zoom-out, rotation and flip.
+    Points outside the source read its mirror image ('reflection'), so zoom-out and rotated
+    corners show no constant border that would give the transform away.
+    """
+    grid = F.affine_grid(
+        theta.to(x.dtype), [x.shape[0], x.shape[1], out_hw[0], out_hw[1]], align_corners=False
+    )
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
+
+# ------------------------------------------------------------------------------- colour
+def _eye(batch: int, like: Tensor) -> Tensor:
+    return torch.eye(3, dtype=like.dtype, device=like.device).expand(batch, 3, 3)
+
+
+def saturation_matrix(factor: Tensor, luma: Tensor) -> Tensor:
+    """Blend with the grayscale image, torchvision/kornia `adjust_saturation_with_gray_subtraction`.
+
+    factor [B] (0 = gray, 1 = unchanged), luma [3] -> [B,3,3]: s I + (1 - s) 1 w^T.
+    """
+    gray = luma.expand(3, 3)  # every output channel reads w . rgb
+    s = factor[:, None, None]
+    return s * _eye(factor.shape[0], factor) + (1.0 - s) * gray
+
+
+def grayscale_matrix(mask: Tensor, luma: Tensor) -> Tensor:
+    """mask [B] in {0,1} (or a blend weight) -> [B,3,3]: I where 0, 1 w^T (gray) where 1."""
+    return saturation_matrix(1.0 - mask, luma)
+
+
+def hue_matrix(turns: Tensor) -> Tensor:
+    """Rotate colours about the gray axis (1,1,1)/sqrt(3) by `turns` full turns: [B] -> [B,3,3].
+
+    Gray stays gray. A third of a turn is the cyclic channel shift R<-B, G<-R, B<-G, which is
+    exactly HSV's hue shift by 120 degrees (kornia `adjust_hue(x, 2*pi/3)`); in between it follows
+    a circle where HSV follows a hexagon, so small shifts match HSV only approximately.
+    """
+    a = 2.0 * math.pi * turns
+    cos, sin = torch.cos(a)[:, None, None], torch.sin(a)[:, None, None]
+    # cross-product matrix of the unit gray axis, P - P^T with P the cyclic shift; built on the
+    # device (no host-to-device copy, so the function can be captured in a CUDA graph)
+    shift = torch.eye(3, dtype=turns.dtype, device=turns.device).roll(1, dims=0)
+    k = (shift - shift.T) / math.sqrt(3.0)
+    uu = turns.new_full((3, 3), 1.0 / 3.0)
+    return cos * _eye(turns.shape[0], turns) + sin * k + (1.0 - cos) * uu
+
+
+def white_balance_gains(temperature: Tensor, luma: Tensor) -> Tensor:
+    """temperature [B] (>0 warmer: red up, blue down) -> per-channel gains [B,3].
+
+    Gains (e^t, 1, e^-t), divided by their luma so a gray surface keeps its brightness.
+    """
+    t = temperature
+    gains = torch.stack([torch.exp(t), torch.ones_like(t), torch.exp(-t)], dim=1)
+    return gains / (gains * luma).sum(dim=1, keepdim=True)
+
+
+def color_transform(
+    brightness: Tensor,
+    contrast: Tensor,
+    saturation: Tensor,
+    hue: Tensor,
+    temperature: Tensor,
+    grayscale: Tensor,
+    luma: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Compose the linear colour chain into `y = M x + (offset . x_mean)` (see module doc).
+
+    All inputs [B] (hue in turns, grayscale a 0/1 mask), luma [3]. Returns M [B,3,3] and
+    offset [B,3]: the contrast pull toward the mean gray is `offset . mean_rgb(x)` and is added
+    equally to the three channels. Neutral values (1, 1, 1, 0, 0, 0) give M = I, offset = 0.
+    """
+    gains = white_balance_gains(temperature, luma)  # [B,3]
+    m = hue_matrix(hue) @ saturation_matrix(saturation, luma)
+    m = grayscale_matrix(grayscale, luma) @ m
+    cb = (contrast * brightness)[:, None, None]
+    m = cb * m * gains[:, None, :]  # right-multiplying by diag(gains) scales the columns
+    offset = ((1.0 - contrast) * brightness)[:, None] * (luma * gains)
+    return m, offset
+
+
+def apply_color(x: Tensor, matrix: Tensor, offset: Tensor) -> Tensor:
+    """x [B,3,H,W] float -> M x + (offset . mean_rgb(x)) per sample, [B,3,H,W] (not clamped)."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+    shift = (offset * flat.mean(dim=2)).sum(dim=1)  # [B]
+    bias = shift.to(x.dtype)[:, None, None].expand(b, c, 1)
+    return torch.baddbmm(bias, matrix.to(x.dtype), flat).view(b, c, h, w)
+
+
+# --------------------------------------------------------------------------------- blur
+def gaussian_blur_matrix(
+    sigma: Tensor, n: int, radius: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Dense [B,n,n] matrices T with (T v)_i = sum_k g(k) v[reflect(i + k)], |k| <= radius.
+
+    sigma [B] in pixels; g is the Gaussian truncated at `radius` and normalised over its taps
+    (kornia's `gaussian_blur2d` kernel of size 2*radius+1 with 'reflect' borders); sigma <= 1e-3
+    gives the identity exactly. Reflection at the borders is folded into the matrix, so one
+    batched matmul per axis blurs with a different sigma per sample at any kernel size.
+    Built as one small GEMM: taps [B,K] @ reflect-shift one-hots [K,n*n] (K = 2*radius+1).
+    """
+    radius = max(0, min(int(radius), n - 1))  # one reflection is then always enough
+    offsets = torch.arange(-radius, radius + 1, device=sigma.device)
+    k = offsets.float()
+    s = sigma.float().clamp(min=1e-3)[:, None]
+    taps = torch.exp(-(k * k) / (2.0 * s * s))
+    taps = taps / taps.sum(dim=1, keepdim=True)  # [B,K]
+    src = torch.arange(n, device=sigma.device)[None, :] + offsets[:, None]  # [K,n]: i + k
+    src = torch.where(src < 0, -src, src)
+    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+    onehot = (src[:, :, None] == torch.arange(n, device=sigma.device)).to(dtype)  # [K,n,n]
+    return (taps.to(dtype) @ onehot.view(-1, n * n)).view(-1, n, n)
+
+
+def blur_to_channels_last(x: Tensor, matrix: Tensor) -> Tensor:
+    """Separable blur of square x [B,C,n,n] by T [B,n,n] along both axes: T X T^T per channel.
+
+    The horizontal pass reads NCHW as it is; the vertical pass runs on NHWC, so the result comes
+    out [B,C,n,n] with channels_last memory and no further copy. Dtype follows x.
+    """
+    b, c, h, w = x.shape
+    t = matrix.to(x.dtype)
+    across = torch.matmul(x.reshape(b, c * h, w), t.transpose(1, 2))  # [B, C*H, W]
+    nhwc = across.view(b, c, h, w).permute(0, 2, 3, 1).reshape(b, h, w * c)
+    down = torch.bmm(t, nhwc)  # [B, H, W*C]
+    return down.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def render(
+    x: Tensor,
+    theta: Tensor,
+    gamma: Tensor,
+    color: Tensor,
+    offset: Tensor,
+    blur_sigma: Tensor,
+    solarize: Tensor,
+    *,
+    out_hw: tuple[int, int],
+    has_gamma: bool = True,
+    has_color: bool = True,
+    has_blur: bool = True,
+    has_solarize: bool = True,
+    blur_radius: int = 11,
+    solarize_threshold: float = 0.5,
+    interpolation: str = "bilinear",
+    norm_scale: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    channels_last: bool = False,
+    blur_dtype: torch.dtype = torch.float32,
+    hook: StageHook = None,
+) -> Tensor:
+    """One view: float source [B,3,H,W] in [0,1] -> float32 [B,3,out_h,out_w].
+
+    theta [B,2,3], gamma [B], color [B,3,3], offset [B,3], blur_sigma [B] (pixels of the view,
+    0 = none), solarize [B] (1 = invert values >= threshold). The `has_*` flags are static: a
+    stage whose probability is 0 for this view is left out (identical result, less work).
+    norm_scale/norm_bias [1,3,1,1] give `y * scale + bias` (normalisation); without them the
+    output stays in [0,1]. The blur runs in `blur_dtype` (float16 on GPUs: tensor-core matmul).
+    hook(name) is called after each stage (eager profiling only).
+    """
+    def mark(name: str) -> None:
+        if hook is not None:
+            hook(name)
+
+    y = warp(x, theta, out_hw, mode=interpolation)
+    if interpolation != "bilinear":
+        y = y.clamp(0.0, 1.0)  # bicubic overshoots; pow of a negative number is NaN
+    mark("warp")
+    if has_gamma:
+        y = y.pow(gamma.to(y.dtype)[:, None, None, None])
+        mark("gamma")
+    if has_color:
+        y = apply_color(y, color, offset).clamp_(0.0, 1.0)
+        mark("color")
+    if has_blur:
+        if out_hw[0] != out_hw[1]:
+            raise ValueError(f"blur needs a square view, got {out_hw}")  # static shape check
+        t = gaussian_blur_matrix(blur_sigma, out_hw[0], blur_radius, dtype=blur_dtype)
+        y = blur_to_channels_last(y.to(blur_dtype), t)
+        mark("blur")
+    if has_solarize:
+        threshold = torch.where(
+            solarize > 0.5,
+            torch.full_like(solarize, solarize_threshold),
+            torch.full_like(solarize, math.inf),
+        ).to(y.dtype)[:, None, None, None]
+        y = torch.where(y >= threshold, 1.0 - y, y)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if torch.compiler.is_compiling():
+        # functional form: inductor fuses it with the stages before and picks the layout
+        out = y.float() if norm_scale is None else torch.addcmul(norm_bias, y, norm_scale)
+        return out.contiguous(memory_format=fmt)
+    out = torch.empty(y.shape, dtype=torch.float32, device=y.device, memory_format=fmt)
+    if norm_scale is not None and norm_bias is not None:
+        torch.addcmul(norm_bias, y, norm_scale, out=out)  # one pass: solarized y -> normalised
+    else:
+        out.copy_(y)
+    mark("normalize")
+    return out
+
+
+def footprint_area(theta: Tensor) -> Tensor:
+    """theta [B,2,3] -> [B]: area of the view's footprint over the source area (|det A|)."""
+    a = theta[:, :, :2]
+    return (a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]).abs()

@@ -1,0 +1,308 @@
+"""The LSDR objective and the VICReg / Barlow Twins baselines, as pure tensor functions.
+
+    loss_fn = build_objective(cfg.objective, stages=cfg.model.stages)
+    out = loss_fn([z1, z2], [stages1, stages2])   # LossOutput(total, terms)
+
+The loss modules hold only coefficients. They compute in float32 (autocast off, inputs cast up),
+and under DDP on the global batch: every view is all-gathered with gradient first, so the loss and
+its gradient do not change with the number of processes at a fixed global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsdr_repr.config import ObjectiveConfig
+from lsdr_repr.distributed import all_gather_with_grad
+from lsdr_repr.errors import ConfigError
+
+
+@dataclass
+class LossOutput:
+    """total: scalar to backpropagate; terms: each (unweighted) term, detached, for logging."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+
+# ------------------------------------------------------------------------------ pure functions
+def off_diagonal(m: Tensor) -> Tensor:
+    """[D, D] -> [D * (D - 1)]: the off-diagonal entries, row by row."""
+    n, k = m.shape
+    if n != k:
+        raise ValueError(f"off_diagonal needs a square matrix, got {tuple(m.shape)}")
+    return m.masked_select(~torch.eye(n, dtype=torch.bool, device=m.device))
+
+
+def off_diagonal_sq_sum(m: Tensor) -> Tensor:
+    """[D, D] -> scalar: sum_{i != j} m_ij^2. The diagonal is zeroed, not subtracted: sum(m^2) -
+    sum(diag^2) would cancel catastrophically in float32 when the diagonal dominates."""
+    return (m - torch.diag_embed(torch.diagonal(m))).pow(2).sum()
+
+
+def covariance(z: Tensor, correction: int = 0) -> Tensor:
+    """z [N, D] -> [D, D] covariance over the batch; correction 0 divides by N (LSDR's
+    Cov(z_i, z_j) = E[z_i z_j] - E[z_i] E[z_j]), 1 by N - 1 (VICReg)."""
+    zc = z - z.mean(dim=0)
+    return zc.T @ zc / (z.shape[0] - correction)
+
+
+def invariance_loss(views: Sequence[Tensor]) -> Tensor:
+    """V x [N, D] -> scalar: mean squared difference (mean over N and D, F.mse_loss), averaged
+    over all V (V - 1) / 2 pairs of views."""
+    pairs = list(itertools.combinations(views, 2))
+    if not pairs:
+        raise ValueError("the invariance term needs at least two views")
+    return torch.stack([F.mse_loss(a, b) for a, b in pairs]).mean()
+
+
+def variance_loss(z: Tensor, gamma: float = 1.0, eps: float = 1e-4, correction: int = 0) -> Tensor:
+    """z [N, D] -> scalar: mean_j relu(gamma - sqrt(Var(z_j) + eps)) (hinge on each feature's std);
+    Var divides by N - correction."""
+    std = torch.sqrt(z.var(dim=0, correction=correction) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def decorrelation_loss(z: Tensor, correction: int = 0) -> Tensor:
+    """z [N, D] -> scalar: sum_{i != j} Cov(z_i, z_j)^2 / D."""
+    return off_diagonal_sq_sum(covariance(z, correction)) / z.shape[1]
+
+
+def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """z [N, D] -> [N, D]: (z - mean) / sqrt(biased var + eps), i.e. BatchNorm1d(D, affine=False)
+    in training mode."""
+    return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, correction=0) + eps)
+
+
+def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
+    """z1, z2 [N, D] -> [D, D]: Barlow Twins' empirical cross-correlation bn(z1)^T bn(z2) / N."""
+    return batch_standardize(z1, eps).T @ batch_standardize(z2, eps) / z1.shape[0]
+
+
+# ---------------------------------------------------------------------------------- modules
+@contextlib.contextmanager
+def _float32(device: torch.device) -> Iterator[None]:
+    """Autocast off: the statistics (squares of covariances) lose too much in bf16/fp16."""
+    if torch.amp.is_autocast_available(device.type):
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def _global(z: Tensor) -> Tensor:
+    """Cast up to float32 (float64 stays, for gradcheck) and gather the global batch."""
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    return all_gather_with_grad(z)
+
+
+def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = None) -> None:
+    if exact is not None and len(projections) != exact:
+        raise ConfigError(f"objective.name={name} is defined for {exact} views, got "
+                          f"{len(projections)} (multi-crop needs objective.name=lsdr)")
+    if len(projections) < 2:
+        raise ValueError(f"{name}: needs at least two views, got {len(projections)}")
+    shape = projections[0].shape
+    for z in projections:
+        if z.ndim != 2 or z.shape != shape:
+            raise ValueError(f"{name}: every view must be [N, D] of one shape, got "
+                             f"{[tuple(p.shape) for p in projections]}")
+
+
+class LSDRLoss(nn.Module):
+    """LSDR (DESIGN.md): inv_w * invariance + var_w * variance + dec_w * decorrelation
+    + sum_k w_k * decorrelation(stage k).
+
+    invariance: mean over view pairs of the MSE; variance and decorrelation: mean over views of
+    the per-view term, with the biased (1/N) statistics of DESIGN.md; stage terms: the same
+    decorrelation on each pooled stage, mean over views. (VICReg sums its covariance term over
+    its two branches: at V = 2, LSDR's decorrelation_weight 2 weighs it as VICReg's 1 does.)"""
+
+    def __init__(
+        self,
+        invariance_weight: float = 25.0,
+        variance_weight: float = 25.0,
+        decorrelation_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        layer_weights: Sequence[float] = (),
+        stage_labels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.invariance_weight = invariance_weight
+        self.variance_weight = variance_weight
+        self.decorrelation_weight = decorrelation_weight
+        self.gamma = gamma
+        self.eps = eps
+        self.layer_weights = list(layer_weights)
+        labels = range(len(self.layer_weights)) if stage_labels is None else stage_labels
+        self.stage_labels = list(labels)
+
+    def forward(
+        self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
+    ) -> LossOutput:
+        """projections: V x [N, D]; stages: V x K x [N, C_k] (K = len(layer_weights)) or None."""
+        _check_views(projections, "lsdr")
+        per_view = [list(s) for s in stages] if stages else []
+        num_stages = len(per_view[0]) if per_view else 0
+        if num_stages != len(self.layer_weights):
+            raise ConfigError(f"objective.layer_weights has {len(self.layer_weights)} entries but "
+                              f"the model gives {num_stages} stages (model.stages)")
+        if per_view and (len(per_view) != len(projections)
+                         or any(len(v) != num_stages for v in per_view)):
+            raise ValueError("lsdr: stages must hold the same number of stages for every view")
+        with _float32(projections[0].device):
+            zs = [_global(z) for z in projections]
+            inv = invariance_loss(zs)
+            var = torch.stack([variance_loss(z, self.gamma, self.eps) for z in zs]).mean()
+            dec = torch.stack([decorrelation_loss(z) for z in zs]).mean()
+            total = (self.invariance_weight * inv + self.variance_weight * var
+                     + self.decorrelation_weight * dec)
+            terms = {"invariance": inv, "variance": var, "decorrelation": dec}
+            for k, (weight, label) in enumerate(zip(self.layer_weights, self.stage_labels)):
+                layer = torch.stack([decorrelation_loss(_global(v[k])) for v in per_view]).mean()
+                total = total + weight * layer
+                terms[f"decorrelation_stage{label}"] = layer
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+
+class VICRegLoss(nn.Module):
+    """VICReg as in facebookresearch/vicreg main_vicreg.py (commit b42aa23): sim * MSE(x, y)
+    + std * [mean(relu(gamma - std_x)) / 2 + mean(relu(gamma - std_y)) / 2]
+    + cov * [sum offdiag(cov_x)^2 / D + sum offdiag(cov_y)^2 / D], var and cov with N - 1.
+    Two views only. Under DDP the MSE is on the gathered batch (the reference takes it per rank;
+    its DDP-averaged gradient is the same)."""
+
+    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
+                 gamma: float = 1.0, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.sim_coeff = sim_coeff
+        self.std_coeff = std_coeff
+        self.cov_coeff = cov_coeff
+        self.gamma = gamma
+        self.eps = eps
+
+    def forward(
+        self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
+    ) -> LossOutput:
+        """projections: 2 x [N, D]; stages are not used by VICReg."""
+        _check_views(projections, "vicreg", exact=2)
+        with _float32(projections[0].device):
+            x, y = (_global(z) for z in projections)
+            sim = F.mse_loss(x, y)
+            std = (variance_loss(x, self.gamma, self.eps, correction=1) / 2
+                   + variance_loss(y, self.gamma, self.eps, correction=1) / 2)
+            cov = decorrelation_loss(x, correction=1) + decorrelation_loss(y, correction=1)
+            total = self.sim_coeff * sim + self.std_coeff * std + self.cov_coeff * cov
+        terms = {"invariance": sim, "variance": std, "decorrelation": cov}
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins as in facebookresearch/barlowtwins main.py (commit 046eec3, the published
+    code without the early `scale-loss` 1/32 factor): c = bn(z1)^T bn(z2) / N with an affine-free
+    BatchNorm over the global batch, loss = sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2."""
+
+    def __init__(self, lambd: float = 0.0051) -> None:
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(
+        self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
+    ) -> LossOutput:
+        """projections: 2 x [N, D]; stages are not used by Barlow Twins."""
+        _check_views(projections, "barlow", exact=2)
+        with _float32(projections[0].device):
+            z1, z2 = (_global(z) for z in projections)
+            c = cross_correlation(z1, z2)
+            on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+            off_diag = off_diagonal_sq_sum(c)
+            total = on_diag + self.lambd * off_diag
+        terms = {"on_diagonal": on_diag, "off_diagonal": off_diag}
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+
+def build_objective(objective_cfg: ObjectiveConfig, stages: Sequence[int] | None = None) -> nn.Module:
+    """The loss module for objective_cfg.name. With `stages` (model.stages) the layer weights are
+    checked now and the stage terms are named after the stage indices."""
+    name = objective_cfg.name
+    if name == "lsdr":
+        weights = list(objective_cfg.layer_weights)
+        if stages is not None and len(stages) != len(weights):
+            raise ConfigError(f"objective.layer_weights has {len(weights)} entries but "
+                              f"model.stages has {len(stages)}: give one weight per stage")
+        return LSDRLoss(
+            invariance_weight=objective_cfg.invariance_weight,
+            variance_weight=objective_cfg.variance_weight,
+            decorrelation_weight=objective_cfg.decorrelation_weight,
+            gamma=objective_cfg.gamma,
+            eps=objective_cfg.eps,
+            layer_weights=weights,
+            stage_labels=list(stages) if stages is not None else None,
+        )
+    if objective_cfg.layer_weights:
+        raise ConfigError(f"objective.layer_weights is only used by objective.name=lsdr, "
+                          f"not {name}")
+    if name == "vicreg":
+        return VICRegLoss(
+            sim_coeff=objective_cfg.invariance_weight,
+            std_coeff=objective_cfg.variance_weight,
+            cov_coeff=objective_cfg.decorrelation_weight,
+            gamma=objective_cfg.gamma,
+            eps=objective_cfg.eps,
+        )
+    if name == "barlow":
+        return BarlowTwinsLoss(lambd=objective_cfg.barlow_lambda)
+    raise ConfigError(f"objective.name: unknown objective '{name}' (known: lsdr, vicreg, barlow)")
+
+
+# ------------------------------------------------------------------------------ diagnostics
+@torch.no_grad()
+def embedding_diagnostics(z: Tensor) -> dict[str, float]:
+    """z [N, D] (N >= 2) -> {"std_mean", "std_min": per-feature std (1/N) over the batch,
+    "corr_offdiag_abs": mean |off-diagonal correlation|, "rankme": exp of the entropy of the
+    normalised singular values of z (Garrido et al. 2023, RankMe; eps 1e-7)}."""
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"embedding_diagnostics needs [N >= 2, D], got {tuple(z.shape)}")
+    z = z.detach().float()
+    std = z.std(dim=0, correction=0)
+    cov = covariance(z)
+    inv_std = 1.0 / std.clamp_min(1e-12)
+    corr = cov * inv_std[:, None] * inv_std[None, :]
+    d = z.shape[1]
+    corr_abs = off_diagonal(corr).abs().mean() if d > 1 else torch.zeros((), device=z.device)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(1e-12) + 1e-7
+    rankme = torch.exp(-(p * torch.log(p)).sum())
+    return {
+        "std_mean": std.mean().item(),
+        "std_min": std.min().item(),
+        "corr_offdiag_abs": corr_abs.item(),
+        "rankme": rankme.item(),
+    }
+
+
+@torch.no_grad()
+def covariance_spectrum(z: Tensor) -> Tensor:
+    """z [N, D] -> [D] eigenvalues of the (1/N) covariance, descending, float64 on z's device.
+
+    From the singular values of the centred batch (O(N^2 D), not an eigendecomposition of the
+    D x D matrix): eig_k = s_k^2 / N; the D - N eigenvalues beyond the batch's rank are 0."""
+    if z.ndim != 2 or z.shape[0] < 1:
+        raise ValueError(f"covariance_spectrum needs [N, D], got {tuple(z.shape)}")
+    z = z.detach().double()
+    n, d = z.shape
+    s = torch.linalg.svdvals(z - z.mean(dim=0))
+    eig = s.pow(2) / n
+    if eig.numel() < d:
+        eig = torch.cat([eig, eig.new_zeros(d - eig.numel())])
+    return eig.sort(descending=True).values
+
