@@ -103,13 +103,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_required(cfg, args.config)
     result = train(cfg)
+    print(f"step {result.step}/{cfg.train.total_steps}; checkpoint: {result.checkpoint}; "
+          f"W&B run: {result.wandb_path}")
     return result.exit_code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lsdr_repr.demo import run_demo
 
-    return run_demo(args.run_dir, args.data, args.overrides)
+    result = run_demo(args.run_dir, args.data, args.overrides)
+    if result.report:
+        print(result.report)
+    print(f"run directory:   {result.run_dir}")
+    print(f"checkpoint:      {result.checkpoint}")
+    print(f"W&B offline run: {result.wandb_path}  (sync later with `wandb sync`)")
+    if result.export_dir:
+        print(f"exported backbone: {result.export_dir}")
+        print("load it with:\n  " + load_snippet(result.export_dir))
+    return result.exit_code
+
+
+def load_snippet(export_dir) -> str:
+    return (
+        f'timm.create_model("local-dir:{export_dir}", pretrained=True, num_classes=NUM_CLASSES)'
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

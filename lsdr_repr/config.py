@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from lsdr_repr.errors import ConfigError
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -420,6 +423,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             raise _type_error(tp, value, key, source)
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(tp, value, key, source)
         return float(value)

@@ -11,6 +11,7 @@ its gradient do not change with the number of processes at a fixed global batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -273,6 +274,8 @@ def embedding_diagnostics(z: Tensor) -> dict[str, float]:
     if z.ndim != 2 or z.shape[0] < 2:
         raise ValueError(f"embedding_diagnostics needs [N >= 2, D], got {tuple(z.shape)}")
     z = z.detach().float()
+    if not bool(torch.isfinite(z).all()):  # a diverging run is reported, not crashed on
+        return dict.fromkeys(("std_mean", "std_min", "corr_offdiag_abs", "rankme"), math.nan)
     std = z.std(dim=0, correction=0)
     cov = covariance(z)
     inv_std = 1.0 / std.clamp_min(1e-12)
@@ -300,6 +303,8 @@ def covariance_spectrum(z: Tensor) -> Tensor:
         raise ValueError(f"covariance_spectrum needs [N, D], got {tuple(z.shape)}")
     z = z.detach().double()
     n, d = z.shape
+    if not bool(torch.isfinite(z).all()):
+        return z.new_full((d,), math.nan)
     s = torch.linalg.svdvals(z - z.mean(dim=0))
     eig = s.pow(2) / n
     if eig.numel() < d:

@@ -52,6 +52,15 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.optim.clip_grad is None
 
 
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; `optim.lr=1e-4` must still mean 0.0001
+    path = write(tmp_path, "optim:\n  lr: 1e-4\n")
+    assert load_config(path, ["optim.weight_decay=5E-2"]).optim.lr == 1e-4
+    assert load_config(path, ["optim.weight_decay=5E-2"]).optim.weight_decay == 0.05
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        load_config(path, ["optim.lr=1e"])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
     path = write(tmp_path, {"optim": {"lr": 1}})
     assert load_config(path).optim.lr == 1.0

@@ -1,0 +1,62 @@
+"""`lsdr demo`: the main job on the embedded data, end to end.
+
+sample shards (if missing) -> `configs/demo.yaml` training -> timm export -> linear probe of the
+trained backbone against the same architecture at random initialisation, and the invariance table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from lsdr_repr.config import load_config
+from lsdr_repr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+@dataclasses.dataclass
+class DemoResult:
+    exit_code: int
+    run_dir: Path
+    checkpoint: Path | None = None
+    wandb_path: str | None = None
+    export_dir: Path | None = None
+    report: str | None = None
+
+
+def demo_config_path() -> Path:
+    """The demo config of this checkout (editable install) or of the working directory."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = root / DEMO_CONFIG
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{DEMO_CONFIG} not found: run `lsdr demo` from the repository root")
+
+
+def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> DemoResult:
+    from data_pipelines.sample import write_sample_shards
+    from lsdr_repr.evaluate import demo_report, format_report
+    from lsdr_repr.export import export_backbone
+    from lsdr_repr.train import EXIT_OK, train
+
+    splits = write_sample_shards(Path(data_dir))
+    cfg = load_config(demo_config_path(), [
+        f"train.run_dir={run_dir}",
+        f"data.train_shards={splits['train']}",
+        f"data.val_shards={splits['val']}",
+        f"data.test_shards={splits['test']}",
+        *overrides,
+    ])
+    result = train(cfg)
+    demo = DemoResult(result.exit_code, Path(run_dir), result.checkpoint, result.wandb_path)
+    if result.exit_code != EXIT_OK:
+        return demo
+    demo.export_dir = export_backbone(Path(run_dir), Path(run_dir) / "export")
+    report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]))
+    demo.report = format_report(report)
+    return demo

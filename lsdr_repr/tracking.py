@@ -1,0 +1,470 @@
+"""Experiment tracking on rank 0: W&B (offline by default), RUN_DIR/metrics.jsonl and progress.
+
+    tracker = make_tracker(cfg.log, config_to_dict(cfg), run_dir, rank, run_id=ckpt_run_id)
+    tracker.log({"loss": 1.2, "perf/samples_per_s": 512.0}, step=120)
+    tracker.log_images("views", grid_images, step=120)        # [N,3,H,W] in [0,1]
+    tracker.log_spectrum(eigenvalues, step=120)
+    tracker.finish()
+
+Every `log` call also appends one JSON line to RUN_DIR/metrics.jsonl (`{"step", "time",
+"metrics"}`), which `lsdr status` reads without W&B. The W&B mode is `log.wandb.mode` unless the
+environment says otherwise (WANDB_MODE, WANDB_DISABLED); W&B files land in RUN_DIR/wandb/. The run
+id is kept in RUN_DIR/wandb_run_id.txt, so a resumed job continues the same W&B run even when it
+stopped before its first checkpoint. This module and distributed.py are the only ones that read
+the environment.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import secrets
+import string
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lsdr_repr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from lsdr_repr.config import LogConfig
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id.txt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+_MODE_ALIASES = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online",
+                 "disabled": "disabled"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# ----------------------------------------------------------------------------------- trackers
+class Tracker:
+    """The tracker interface; this base does nothing (what ranks != 0 get, see `NullTracker`)."""
+
+    run_id: str | None = None
+    run_path: str | None = None  # offline run directory or online URL, for printing
+
+    def log(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
+        """Scalars for one step (tensors are turned into floats)."""
+
+    def log_images(
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+    ) -> None:
+        """An image grid of `images` [N,3,H,W] (or [N,1,H,W]) with values in [0,1], `nrow`
+        images per row (default: a near-square grid; pass the per-view count to get one view
+        per row)."""
+
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
+        """A log-scale plot of covariance eigenvalues [D] (any order, sorted here)."""
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Run-level values (final metrics): into the W&B summary and RUN_DIR/summary.json."""
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close the run (idempotent); a non-zero `exit_code` marks the W&B run failed."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.finish(exit_code=1 if exc_type is not None else None)
+
+
+class NullTracker(Tracker):
+    """No-op tracker for ranks != 0."""
+
+
+class RunTracker(Tracker):
+    """Rank 0's tracker: metrics.jsonl always, W&B unless its mode is "disabled"."""
+
+    def __init__(self, run_dir: str | Path, wandb_run: Any = None, run_id: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb_run
+        self.run_id = run_id
+        if wandb_run is None:
+            self.run_path = None
+        elif wandb_run.offline:
+            self.run_path = str(Path(wandb_run.dir).parent)
+        else:
+            self.run_path = wandb_run.url
+        self._runlog = RunLog(self.run_dir / METRICS_FILE)
+        self._finished = False
+
+    def log(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
+        values = {key: _to_float(key, value) for key, value in metrics.items()}
+        self._runlog.append(step, values)
+        if self._run is not None:
+            self._run.log(values, step=step)
+
+    def log_images(
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+    ) -> None:
+        if self._run is None:
+            return
+        import wandb
+
+        grid = image_grid(images, nrow)
+        self._run.log({key: wandb.Image(grid, caption=f"step {step}")}, step=step)
+
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
+        if self._run is None:
+            return
+        import wandb
+
+        plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}")
+        self._run.log({key: wandb.Image(plot)}, step=step)
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        values = {key: _plain(value) for key, value in summary.items()}
+        path = self.run_dir / SUMMARY_FILE
+        merged = {}
+        if path.is_file():
+            try:
+                merged = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s is unreadable; starting it again", path)
+        merged.update(values)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        if self._run is not None:
+            self._run.summary.update(values)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._runlog.close()
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+
+
+class RunLog:
+    """Appends one JSON line per `append` call: {"step", "time", "metrics"}.
+
+    Non-finite values are written as the strings "nan", "inf", "-inf" (strict JSON, still legible).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+
+    def append(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": int(step), "time": round(time.time(), 3),
+                  "metrics": {k: _json_number(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # `lsdr status` and `tail -f` read it while the run goes on
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_run_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/metrics.jsonl, in order; a torn last line (a kill) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+# -------------------------------------------------------------------------------- the factory
+def make_tracker(
+    log_cfg: LogConfig,
+    config_dict: Mapping[str, Any],
+    run_dir: str | Path,
+    rank: int,
+    run_id: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Tracker:
+    """Rank 0: a `RunTracker` (W&B in the resolved mode + metrics.jsonl); other ranks: NullTracker.
+
+    `run_id` (from a checkpoint) wins over RUN_DIR/wandb_run_id.txt; with neither a new id is made.
+    An online run that cannot start (no API key, no network) falls back to offline with a warning,
+    so a long job is not lost to a tracking outage; `wandb sync RUN_DIR/wandb/offline-run-*`
+    uploads it later.
+    """
+    if rank != 0:
+        return NullTracker()
+    environ = os.environ if environ is None else environ
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mode = resolve_wandb_mode(log_cfg.wandb.mode, environ)
+    if mode == "disabled":
+        return RunTracker(run_dir, None, run_id or read_run_id(run_dir))
+    run_id = run_id or read_run_id(run_dir) or new_run_id()
+    write_run_id(run_dir, run_id)
+    run = _init_wandb(log_cfg, dict(config_dict), run_dir, run_id, mode)
+    return RunTracker(run_dir, run, run.id)
+
+
+def resolve_wandb_mode(configured: str, environ: Mapping[str, str]) -> str:
+    """offline | online | disabled: WANDB_DISABLED, then WANDB_MODE, then the config."""
+    if environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+        return "disabled"
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode:
+        if env_mode not in _MODE_ALIASES:
+            known = ", ".join(sorted(_MODE_ALIASES))
+            raise ConfigError(f"environment: WANDB_MODE={env_mode!r} is not one of {known}")
+        return _MODE_ALIASES[env_mode]
+    if configured not in _MODE_ALIASES:
+        raise ConfigError(f"config: log.wandb.mode: unknown mode {configured!r}")
+    return _MODE_ALIASES[configured]
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    path = Path(run_dir) / RUN_ID_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def write_run_id(run_dir: str | Path, run_id: str) -> None:
+    path = Path(run_dir) / RUN_ID_FILE
+    if read_run_id(run_dir) == run_id:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+
+
+def new_run_id() -> str:
+    """8 lowercase letters and digits, as W&B makes them (valid in URLs and directory names)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _init_wandb(log_cfg: LogConfig, config: dict, run_dir: Path, run_id: str, mode: str) -> Any:
+    import wandb
+
+    w = log_cfg.wandb
+    settings = wandb.Settings(
+        silent=True,  # our own logging says what matters; W&B's banners clutter SLURM logs
+        console="off",  # stdout is the SLURM log and the tqdm bar: no capture, no rewrapping
+        disable_job_creation=True,
+    )
+    kwargs: dict[str, Any] = {
+        "project": w.project, "entity": w.entity, "name": w.name, "group": w.group,
+        "tags": list(w.tags) or None, "config": config, "dir": str(run_dir), "id": run_id,
+        "resume": "allow",
+        "reinit": "create_new",  # never finish or reuse a run the host program may hold
+        "settings": settings,
+    }
+    try:
+        return wandb.init(mode=mode, **kwargs)
+    except Exception as exc:
+        if mode != "online":
+            raise
+        log.warning("W&B online run could not start (%s); logging offline to %s/wandb instead "
+                    "(upload later with `wandb sync`)", _first_line(exc), run_dir)
+        return wandb.init(mode="offline", **kwargs)
+
+
+# --------------------------------------------------------------------------------- rendering
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> Any:
+    """images [N,C,H,W] (C = 1 or 3) in [0,1] -> uint8 numpy grid [H',W',3] (near-square)."""
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"log_images expects [N,3,H,W] or [N,1,H,W], got {tuple(images.shape)}")
+    images = images.detach().float().cpu().clamp(0.0, 1.0)
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)  # [3,H',W']
+    return (grid.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+
+
+def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum") -> Any:
+    """eigenvalues [D] -> RGB uint8 numpy image [H,W,3] of the sorted spectrum on a log scale.
+
+    Uses the Agg canvas directly (no pyplot): no global figure state, no display needed.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = eigenvalues.detach().float().cpu().flatten()
+    values = torch.sort(values, descending=True).values.numpy()
+    positive = values[values > 0]
+    # Eigenvalues <= 0 (numerical noise of a rank-deficient covariance) cannot sit on a log axis;
+    # they are drawn at the floor so the collapse stays visible.
+    floor = positive.min() * 1e-3 if positive.size else 1e-12
+    shown = np.maximum(values, floor)
+    fig = Figure(figsize=(5, 3.5), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.arange(1, shown.size + 1), shown, linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---------------------------------------------------------------------------------- progress
+class Progress:
+    """Rank 0's progress: a tqdm bar on a terminal, periodic log lines otherwise (SLURM logs).
+
+    `update(step, metrics)` reads the loss and the throughput from `metrics` by name: the key
+    `loss_key` / `throughput_key`, else that name + "/total" ("loss/total"), else a key ending in
+    "/" + the name ("train/loss"). The ETA comes from the
+    step rate since the first update, so start-up and compilation time do not inflate it.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        is_tty: bool | None = None,
+        *,
+        loss_key: str = "loss",
+        throughput_key: str = "samples_per_s",
+        min_interval_s: float = 30.0,
+    ) -> None:
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.loss_key, self.throughput_key = loss_key, throughput_key
+        self.min_interval_s = min_interval_s
+        self.is_tty = sys.stderr.isatty() if is_tty is None else is_tty
+        self._step = start_step
+        self._first: tuple[int, float] | None = None
+        self._last_line_time = -math.inf
+        self._last_line_step: int | None = None
+        self._last_metrics: Mapping[str, Any] = {}
+        self._bar = None
+        if enabled and self.is_tty:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                             dynamic_ncols=True, smoothing=0.05)
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
+        metrics = metrics or {}
+        self._last_metrics = metrics
+        loss = _pick(metrics, self.loss_key)
+        rate = _pick(metrics, self.throughput_key)
+        if self._bar is not None:
+            self._bar.update(max(0, step - self._step))
+            postfix = {}
+            if loss is not None:
+                postfix["loss"] = f"{loss:.4g}"
+            if rate is not None:
+                postfix["samples/s"] = f"{rate:.1f}"
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+        self._step = step
+        if self._bar is None and (
+            now - self._last_line_time >= self.min_interval_s or step >= self.total_steps
+        ):
+            self._log_line(step, loss, rate, now)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self._first is not None and self._last_line_step != self._step:
+            metrics = self._last_metrics
+            self._log_line(self._step, _pick(metrics, self.loss_key),
+                           _pick(metrics, self.throughput_key), time.monotonic())
+
+    def _log_line(self, step: int, loss: float | None, rate: float | None, now: float) -> None:
+        parts = [f"step {step}/{self.total_steps}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        if rate is not None:
+            parts.append(f"{rate:.1f} samples/s")
+        eta = self._eta(step, now)
+        if eta is not None:
+            parts.append(f"eta {eta}")
+        log.info(" ".join(parts))
+        self._last_line_time, self._last_line_step = now, step
+
+    def _eta(self, step: int, now: float) -> str | None:
+        if self._first is None:
+            return None
+        first_step, first_time = self._first
+        if step <= first_step or now <= first_time:
+            return None
+        per_step = (now - first_time) / (step - first_step)
+        remaining = max(0, self.total_steps - step) * per_step
+        return str(datetime.timedelta(seconds=round(remaining)))
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            shape = tuple(value.shape)
+            raise ValueError(f"metric {key!r} is a tensor of shape {shape}, not a scalar")
+        return float(value.detach().float().item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metric {key!r} is not a number: {value!r}") from None
+
+
+def _json_number(value: float) -> float | int | str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _json_number(float(value.item())) if value.numel() == 1 else value.tolist()
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _pick(metrics: Mapping[str, Any], name: str) -> float | None:
+    """metrics[name], else metrics[name + "/total"], else the first key ending in "/" + name."""
+    key = next((k for k in (name, f"{name}/total") if k in metrics), None)
+    if key is None:
+        key = next((k for k in metrics if k.endswith("/" + name)), None)
+    if key is None:
+        return None
+    try:
+        return float(metrics[key])
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,394 @@
+"""`lsdr train`: shards -> GPU augmentations -> timm backbone + projector -> LSDR loss -> checkpoints.
+
+The loop is step-based (schedules, logging, checkpoints and evaluation count optimiser steps) and
+never branches on rank: rank 0 holds the real tracker and checkpoint writer, the other ranks
+no-op twins. Everything that touches files, signals or the network lives in its own component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lsdr_repr import distributed as dist
+from lsdr_repr.augment import build_augment
+from lsdr_repr.checkpoint import (
+    CheckpointWriter,
+    NullCheckpointWriter,
+    capture_rng_state,
+    find_latest_valid,
+    load_latest,
+    restore_rng_state,
+)
+from lsdr_repr.config import Config, config_to_dict, dump_config
+from lsdr_repr.errors import CheckpointError, LsdrError
+from lsdr_repr.models import build_model
+from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding_diagnostics
+from lsdr_repr.optim import build_optimizer, build_scheduler
+from lsdr_repr.preemption import PreemptionFlag
+from lsdr_repr.tracking import Progress, make_tracker
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM / the preemption signal: requeue me
+EXIT_DIVERGED = 4  # too many non-finite steps in a row; the last good checkpoint is untouched
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class TrainingDiverged(LsdrError):
+    """The loss was non-finite for `train.max_nonfinite_steps` steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    run_dir: Path
+    checkpoint: Path | None
+    wandb_path: str | None
+
+
+class MultiView(nn.Module):
+    """Runs the model on each view separately (per-view BatchNorm statistics, as in VICReg), in
+    one module call so DDP sees a single forward before the backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, views: list[torch.Tensor]) -> list:
+        return [self.model(v) for v in views]
+
+
+def resolve_device_type(requested: str) -> str:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise LsdrError("train.device is 'cuda' but no CUDA device is available")
+    return "cuda"
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train or resume the run in `cfg.train.run_dir`; returns the exit code and where things are."""
+    env = dist.read_dist_env()
+    device = dist.init_distributed(env, resolve_device_type(cfg.train.device))
+    try:
+        return Trainer(cfg, env, device).run()
+    finally:
+        dist.cleanup()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device) -> None:
+        from data_pipelines.reader import make_train_loader, read_manifest, to_device
+
+        self.cfg, self.env, self.device = cfg, env, device
+        self.rank, self.world_size = env.rank, env.world_size
+        self.run_dir = Path(cfg.train.run_dir)
+        self.global_batch = cfg.data.batch_size
+        self.to_device = to_device
+        self.samples_per_epoch = read_manifest(cfg.data.train_shards).num_samples
+        self.autocast_dtype = _autocast_dtype(cfg.train.precision, device)
+
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        model = build_model(cfg.model).to(device)
+        if device.type == "cuda" and cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda" and self.world_size > 1 and cfg.model.sync_bn:
+            # BatchNorm statistics over the global batch, so the loss does not depend on how
+            # many GPUs share it (SyncBatchNorm runs on GPUs only).
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        forward_model = torch.compile(model) if cfg.train.compile else model
+        self.multiview: nn.Module = MultiView(forward_model)
+        if self.world_size > 1:
+            self.multiview = nn.parallel.DistributedDataParallel(
+                self.multiview, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages).to(device)
+        self.augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
+        # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
+        self.aug_generator = torch.Generator(device=device)
+        self.aug_generator.manual_seed(cfg.train.seed * 100_003 + self.rank)
+
+        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self._buffer_backup = [b.detach().clone() for b in self._buffers]
+        self.optimizer = build_optimizer(model, cfg.optim, self.global_batch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.total_steps)
+        self.loader = make_train_loader(
+            cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size
+        )
+
+        self.step = 0
+        self.nonfinite_total = 0
+        self.skipped_samples = 0
+        self.wandb_run_id: str | None = None
+        self.resumed_from: Path | None = None
+        self._save_failed = False  # report a failing periodic save once, not at every interval
+        self._last_projection: torch.Tensor | None = None
+        resume_path, resume_state = load_latest(self.run_dir) or (None, None)
+        if resume_state:
+            self.wandb_run_id = resume_state.get("wandb_run_id")
+
+        is_main = self.rank == 0
+        self.config_dict = config_to_dict(cfg)
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.writer = (
+            CheckpointWriter(self.run_dir, keep=cfg.train.keep_checkpoints)
+            if is_main
+            else NullCheckpointWriter()
+        )
+        self.tracker = make_tracker(
+            cfg.log, self.config_dict, self.run_dir, self.rank, run_id=self.wandb_run_id
+        )
+        self.wandb_run_id = self.tracker.run_id
+        # Restored last: nothing after this may draw from the random generators.
+        if resume_state:
+            self._restore(resume_path, resume_state)
+        self.progress = Progress(
+            cfg.train.total_steps, self.step, enabled=is_main and cfg.log.progress
+        )
+
+    # ------------------------------------------------------------------------------ resume
+    def _restore(self, path: Path, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_steps", 0))
+        self.skipped_samples = int(state.get("skipped_samples", 0))
+        _warn_config_changes(state.get("config", {}), config_to_dict(self.cfg))
+        if int(state.get("world_size", 1)) == self.world_size:
+            rng = state["rng"][self.rank]
+            restore_rng_state(rng["global"])
+            self.aug_generator.set_state(rng["augment"].to(self.aug_generator.get_state().device))
+            self.loader.load_state_dict(state["data_state"][self.rank])
+        else:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: weights and optimiser "
+                "resume exactly, the data stream and random state start afresh",
+                path, state.get("world_size"), self.world_size,
+            )
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _checkpoint_state(self) -> dict:
+        # Collective: every rank contributes its random state and data-stream position.
+        rng = {"global": capture_rng_state(), "augment": self.aug_generator.get_state().cpu()}
+        rngs = dist.gather_objects(rng)
+        data_states = dist.gather_objects(self.loader.state_dict())
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "step": self.step,
+            "samples_seen": self.step * self.global_batch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "rng": rngs,
+            "data_state": data_states,
+            "config": self.config_dict,
+            "world_size": self.world_size,
+            "wandb_run_id": self.wandb_run_id,
+            "nonfinite_steps": self.nonfinite_total,
+            "skipped_samples": self.skipped_samples,
+        }
+
+    def _save(self, *, final: bool) -> Path | None:
+        if not self._weights_finite():
+            log.error("step %d: weights are not finite; checkpoint not written, the last good "
+                      "one is kept", self.step)
+            return None
+        state = self._checkpoint_state()
+        try:
+            path = self.writer.save(state)
+        except CheckpointError as exc:
+            if final:
+                raise
+            if not self._save_failed:
+                log.error("%s (training continues; will retry at the next interval)", exc)
+            self._save_failed = True
+            return None
+        self._save_failed = False
+        return path
+
+    def _weights_finite(self) -> bool:
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+    # ------------------------------------------------------------------------------- step
+    def _train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, object, list, bool]:
+        """One optimiser step over `accumulation_steps` micro-batches; returns the loss, the last
+        loss output, the last views, and whether the step was applied (finite)."""
+        accum = self.cfg.optim.accumulation_steps
+        chunks = images.chunk(accum)
+        # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
+        # must not leave NaNs in them, so they are backed up (one fused copy) and restored.
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_backup, self._buffers)
+        total = torch.zeros((), device=self.device)
+        out = views = None
+        for i, chunk in enumerate(chunks):
+            with torch.no_grad():
+                views = self.augment(chunk, generator=self.aug_generator)
+            sync = i == len(chunks) - 1 or not isinstance(
+                self.multiview, nn.parallel.DistributedDataParallel
+            )
+            ctx = contextlib.nullcontext() if sync else self.multiview.no_sync()
+            with ctx:
+                with torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype,
+                    enabled=self.autocast_dtype != torch.float32,
+                ):
+                    outputs = self.multiview(views)
+                out = self.loss_fn([o.projection for o in outputs], [o.stages for o in outputs])
+                (out.total / len(chunks)).backward()
+            total = total + out.total.detach() / len(chunks)
+        finite = torch.isfinite(total)
+        if self.world_size > 1:
+            finite = finite.float()
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            finite = finite.bool()
+        applied = bool(finite)
+        if not applied and self._buffers:
+            torch._foreach_copy_(self._buffers, self._buffer_backup)
+        if applied:
+            if self.cfg.optim.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last_projection = outputs[0].projection.detach()
+        return total, out, views, applied
+
+    # -------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        cfg = self.cfg.train
+        preempt = PreemptionFlag(cfg.preempt_signal)
+        nonfinite_streak = 0
+        last_ckpt: Path | None = None
+        window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+        exit_code = EXIT_OK
+        self.model.train()
+        try:
+            iterator = iter(self.loader)
+            if self.step >= cfg.total_steps:
+                log.info("run already complete at step %d", self.step)
+            while self.step < cfg.total_steps:
+                t_wait = time.perf_counter()
+                batch = next(iterator)
+                images, _ = self.to_device(batch, self.device)
+                window_wait += time.perf_counter() - t_wait
+                self.skipped_samples += int(batch.skipped)
+
+                loss, out, views, applied = self._train_step(images)
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                window_samples += self.global_batch
+                if applied:
+                    nonfinite_streak = 0
+                else:
+                    nonfinite_streak += 1
+                    self.nonfinite_total += 1
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row)",
+                                self.step, nonfinite_streak)
+                    if nonfinite_streak >= cfg.max_nonfinite_steps:
+                        raise TrainingDiverged(
+                            f"loss was non-finite for {nonfinite_streak} steps in a row at step "
+                            f"{self.step}; stopped without overwriting the last good checkpoint "
+                            f"(lower optim.lr or set optim.clip_grad)"
+                        )
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = self._metrics(loss, out, window_samples / elapsed,
+                                            window_wait / elapsed)
+                    self.tracker.log(metrics, self.step)
+                    self.progress.update(self.step, metrics)
+                    window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+                self._periodic_media(views)
+
+                stop = self._agree(preempt.is_set)
+                if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                    last_ckpt = self._save(final=stop or self.step == cfg.total_steps) or last_ckpt
+                if stop:
+                    log.warning("preempted at step %d: checkpoint %s written, exiting with %d",
+                                self.step, last_ckpt, EXIT_PREEMPTED)
+                    exit_code = EXIT_PREEMPTED
+                    break
+        except TrainingDiverged as exc:
+            log.error("%s", exc)
+            exit_code = EXIT_DIVERGED
+        finally:
+            preempt.close()
+            self.progress.close()
+            self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
+            self.tracker.finish()
+        last_ckpt = last_ckpt or find_latest_valid(self.run_dir)
+        if exit_code == EXIT_OK:
+            log.info("done: step %d; checkpoint %s; W&B run %s", self.step, last_ckpt,
+                     self.tracker.run_path)
+        return TrainResult(exit_code, self.step, self.run_dir, last_ckpt, self.tracker.run_path)
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if any rank saw the preemption signal (they stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _metrics(self, loss: torch.Tensor, out, samples_per_s: float, wait_frac: float) -> dict:
+        metrics = {f"loss/{k}": float(v) for k, v in out.terms.items()}
+        metrics["loss/total"] = float(loss)
+        skipped = torch.tensor([float(self.skipped_samples)], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(skipped)
+        metrics.update({
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": samples_per_s,
+            "pairs_per_s": samples_per_s,  # one sample = one pair of global views
+            "data_wait_frac": wait_frac,
+            "epoch": self.step * self.global_batch / max(1, self.samples_per_epoch),
+            "samples_seen": self.step * self.global_batch,
+            "skipped_samples": float(skipped.item()),
+            "nonfinite_steps": self.nonfinite_total,
+        })
+        if self.device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        diag = embedding_diagnostics(self._last_projection)
+        metrics.update({f"diag/{k}": v for k, v in diag.items()})
+        return metrics
+
+    def _periodic_media(self, views: list[torch.Tensor]) -> None:
+        cfg = self.cfg.train
+        if cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
+            grid = torch.cat([self.augment.denormalize(v[:8].float()) for v in views[:2]])
+            self.tracker.log_images("augmented_views", grid.cpu(), self.step, nrow=8)
+        if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
+            self.tracker.log_spectrum(covariance_spectrum(self._last_projection).cpu(), self.step)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            log.warning("resuming with %s%s=%r (checkpoint had %r)", prefix, key, b, a)
+

@@ -1,0 +1,175 @@
+"""`lsdr train` end to end on real sample shards: checkpoints, W&B offline history, resume after
+SIGKILL, the preemption signal, a corrupt newest checkpoint, non-finite losses, and DDP under
+torchrun (real gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsdr_repr.checkpoint import find_latest_valid, load_checkpoint
+from lsdr_repr.cli import main
+from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED
+from wandb_history import read_wandb_history
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+# A run small enough for seconds on 2 cores, large enough to exercise every component.
+TINY = [
+    "data.image_size=32", "data.batch_size=16", "data.num_workers=1", "data.prefetch_factor=2",
+    "data.shuffle_buffer=64", "augment.crop_size=24", "model.projector=[64, 64, 64]",
+    "train.total_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+    "train.log_every=2", "train.image_grid_every=4", "train.spectrum_every=4",
+    "train.device=cpu", "log.progress=false",
+]
+
+
+def tiny_overrides(sample_shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train_shards={sample_shards['train']}",
+        f"data.val_shards={sample_shards['val']}",
+        f"data.test_shards={sample_shards['test']}",
+        f"train.run_dir={run_dir}",
+        *TINY,
+        *extra,
+    ]
+
+
+def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lsdr_repr", *args], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+    )
+
+
+def run_cli(args: list[str], timeout: float = 240) -> tuple[int, str]:
+    proc = cli_process(args)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(find_latest_valid(run_dir))["model"]
+
+
+def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)])
+    assert code == 0
+    assert checkpoint_steps(run_dir) == [4, 6, 8]  # keep_checkpoints=3, the final one included
+    state = load_checkpoint(run_dir / "checkpoints" / "step-00000008.pt")
+    assert state["step"] == 8 and state["samples_seen"] == 8 * 16
+    assert state["config"]["train"]["run_dir"] == str(run_dir)
+    assert any(k.startswith("backbone.") for k in state["model"])
+    assert any(k.startswith("projector.") for k in state["model"])
+    assert (run_dir / "config.yaml").is_file()
+
+    history = read_wandb_history(run_dir)
+    logged = [row for row in history if "loss/total" in row]
+    assert [row["_step"] for row in logged] == [2, 4, 6, 8]
+    keys = set().union(*logged)
+    for key in ("loss/invariance", "loss/variance", "loss/decorrelation", "lr", "samples_per_s",
+                "pairs_per_s", "data_wait_frac", "skipped_samples", "nonfinite_steps",
+                "diag/rankme", "epoch"):
+        assert key in keys, key
+    assert all(row["loss/total"] == row["loss/total"] for row in logged)  # finite, not NaN
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 8
+
+    # Running again on a finished run resumes at the end and does nothing more.
+    assert main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)]) == 0
+    assert checkpoint_steps(run_dir) == [4, 6, 8]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_ends_with_the_same_weights(sample_shards, tmp_path):
+    steps = ["train.total_steps=10", "train.checkpoint_every=2", "log.wandb.mode=disabled"]
+    reference = tmp_path / "reference"
+    code, out = run_cli(["train", str(DEMO), *tiny_overrides(sample_shards, reference, *steps)])
+    assert code == 0, out
+
+    killed = tmp_path / "killed"
+    kill_after = random.Random(os.getpid()).choice([2, 4, 6])
+    args = ["train", str(DEMO), *tiny_overrides(sample_shards, killed, *steps)]
+    proc = cli_process(args)
+    wait_for(lambda: kill_after in checkpoint_steps(killed), timeout=180, proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint_steps(killed)[-1] < 10
+    code, out = run_cli(args)
+    assert code == 0, out
+    assert "resumed from" in out
+
+    expected, actual = final_weights(reference), final_weights(killed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_and_exits_with_the_requeue_status(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", str(DEMO), *tiny_overrides(
+        sample_shards, run_dir, "train.total_steps=400", "train.checkpoint_every=100",
+        "log.wandb.mode=disabled")]
+    proc = cli_process(args)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), timeout=180, proc=proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    saved = checkpoint_steps(run_dir)
+    assert saved and 0 < saved[-1] < 400, saved
+    assert load_checkpoint(run_dir / "checkpoints" / f"step-{saved[-1]:08d}.pt")["step"] == saved[-1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(sample_shards, run_dir, "log.wandb.mode=disabled")
+    assert main(["train", str(DEMO), *overrides, "train.total_steps=4"]) == 0
+    newest = run_dir / "checkpoints" / "step-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated write
+    assert main(["train", str(DEMO), *overrides, "train.total_steps=6"]) == 0
+    state = load_checkpoint(run_dir / "checkpoints" / "step-00000006.pt")
+    assert state["step"] == 6
+
+
+def test_nonfinite_losses_stop_without_overwriting_the_last_good_checkpoint(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # A learning rate of 1e30 blows the weights up within a step or two; every later loss is
+    # non-finite, each such step is skipped, and the run stops after two in a row.
+    overrides = tiny_overrides(sample_shards, run_dir, "log.wandb.mode=disabled",
+                               "train.checkpoint_every=1", "train.max_nonfinite_steps=2",
+                               "train.total_steps=20", "optim.lr=1e30", "optim.warmup_steps=0")
+    assert main(["train", str(DEMO), *overrides]) == EXIT_DIVERGED
+    steps = checkpoint_steps(run_dir)
+    assert steps and steps[-1] < 18  # it stopped early
+    for step in steps:  # what was saved is loadable and finite: the last good state survives
+        state = load_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}.pt")
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    # Resuming the diverged run fails the same way instead of silently training on.
+    assert main(["train", str(DEMO), *overrides]) == EXIT_DIVERGED
