@@ -1,0 +1,134 @@
+"""`lsdr shards ...` subcommands (write, verify, sample).
+
+Handlers print a short summary and return the exit status; library errors (`DataError`) are
+turned into one line and status 2 by `lsdr_repr.cli`. `verify` returns 1 when it found problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EXIT_OK, EXIT_PROBLEMS = 0, 1
+
+
+def add_shard_commands(sub, add) -> None:
+    """Register the shard subcommands on `sub` using the CLI's `add(sub, name, help, example)`."""
+    p = add(sub, "write",
+            "Write images (ImageFolder tree, flat folder, or CSV/TSV of path[,label]) as "
+            "WebDataset shards with a manifest; an interrupted write resumes when re-run.",
+            "lsdr shards write ~/imagenet/train data/imagenet/train --prefix train "
+            "--max-side 512 --seed 0")
+    p.add_argument("src", help="image folder (class subfolders = labels), flat folder, or .csv/.tsv")
+    p.add_argument("out", help="output directory (shards, manifest.json, write_report.json)")
+    p.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar (default: "
+                   "%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed of the sample order across "
+                   "shards (default: %(default)s)")
+    p.add_argument("--max-count", type=int, default=None, metavar="N",
+                   help="samples per shard at most (default: 10000)")
+    p.add_argument("--max-size", default="256MB", metavar="BYTES",
+                   help="source bytes per shard at most, e.g. 256MB, 1GiB (default: %(default)s)")
+    p.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="re-encode images whose longer side exceeds N, keeping the aspect ratio")
+    p.add_argument("--quality", type=int, default=None, metavar="Q",
+                   help="JPEG quality of re-encoded images (default: 95)")
+    p.add_argument("--layout", choices=["auto", "imagefolder", "flat"], default="auto",
+                   help="how to read a folder source (default: %(default)s: class subfolders "
+                   "and no files at the top means ImageFolder)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="encoding processes (default: all CPUs; 1: no subprocesses)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels (decompression bombs; default ~179M)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_write)
+
+    p = add(sub, "verify",
+            "Re-read every shard: sha256 against the manifest, sample counts, every image "
+            "decodes. Exit status 1 when anything is wrong.",
+            "lsdr shards verify data/imagenet/train --workers 8")
+    p.add_argument("out", help="shard directory (or its manifest.json)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="shards checked in parallel (default: %(default)s)")
+    p.set_defaults(handler=_cmd_verify)
+
+    p = add(sub, "sample",
+            "Write the embedded sample data (scikit-learn's 1797 real handwritten digits, "
+            "coloured, 64x64) as OUT/train, OUT/val, OUT/test shard dirs. No download.",
+            "lsdr shards sample data/sample")
+    p.add_argument("out", nargs="?", default="data/sample",
+                   help="output directory (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="image side (default: %(default)s)")
+    p.add_argument("--photos", action="store_true",
+                   help="digits over crops of scikit-image's bundled photos instead of plain "
+                   "colour backgrounds")
+    p.add_argument("--seed", type=int, default=0, help="colours and split (default: %(default)s)")
+    p.set_defaults(handler=_cmd_sample)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
+    from data_pipelines import writer
+
+    kwargs = {}
+    if args.max_count is not None:
+        kwargs["max_count"] = args.max_count
+    if args.quality is not None:
+        kwargs["quality"] = args.quality
+    if args.max_pixels is not None:
+        kwargs["max_pixels"] = args.max_pixels
+    result = writer.write_shards(
+        args.src, args.out, prefix=args.prefix, seed=args.seed,
+        max_bytes=writer.parse_size(args.max_size), max_side=args.max_side, layout=args.layout,
+        workers=args.workers, progress=not args.no_progress, **kwargs)
+    m = result.manifest
+    classes = f", {m.num_classes} classes" if m.num_classes else ""
+    print(f"wrote {result.written} samples{classes} in {len(m.shards)} shards "
+          f"({_human_bytes(m.num_bytes)}) to {result.out}")
+    if result.shards_reused:
+        print(f"kept {len(result.shards_reused)} complete shards from an earlier run, "
+              f"wrote {len(result.shards_written)}")
+    if result.skipped:
+        print(f"skipped {result.skipped} files (reasons in {result.report_path})")
+    print(f"manifest: {result.manifest_path}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from data_pipelines.verify import verify_shards
+
+    report = verify_shards(args.out, workers=args.workers)
+    for check in report.shards:
+        print(f"{check.name}: {check.good} good, {check.bad} bad, "
+              f"sha256 {'ok' if check.sha256_ok else 'MISMATCH'}")
+        for problem in check.problems:
+            print(f"  {problem}")
+    if report.extra_files:
+        print(f"not in the manifest (ignored): {', '.join(report.extra_files)}")
+    bad_shards = len(report.bad_shards)
+    status = "OK" if report.ok else f"FAILED: {bad_shards} of {len(report.shards)} shards bad"
+    print(f"{report.root}: {len(report.shards)} shards, {report.good} good samples, "
+          f"{report.bad} bad: {status}")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from data_pipelines.manifest import read_manifest
+    from data_pipelines.sample import write_sample_shards
+
+    splits = write_sample_shards(Path(args.out), image_size=args.size, photos=args.photos,
+                                 seed=args.seed)
+    for name, path in splits.items():
+        m = read_manifest(path)
+        print(f"{name}: {m.num_samples} images, {m.num_classes} classes, {len(m.shards)} shards "
+              f"({_human_bytes(m.num_bytes)}): {path / 'manifest.json'}")
+    return EXIT_OK

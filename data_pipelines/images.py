@@ -1,0 +1,197 @@
+"""Image decoding shared by the writer, the verifier and the reader (PIL, CPU).
+
+Writer side: `prepare_jpeg(data)` turns any file PIL can open into RGB JPEG bytes (or the original
+bytes when they already are a plain RGB JPEG of the right size), or raises `BadImage` with a
+reason. Reader side: `decode_to_square(data, size)` decodes and resizes to a `size x size` RGB
+array: the shorter side is resized to `size` and the longer side centre-cropped (the
+random-resized-crop on the GPU then works inside that square).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own error limit (2 x MAX_IMAGE_PIXELS): ~13k x 13k
+EXIF_ORIENTATION = 0x0112
+JPEG_SOI = b"\xff\xd8"
+
+
+class BadImage(Exception):
+    """A source file or a shard member that cannot become an RGB image; str() is the reason."""
+
+
+@dataclass
+class Prepared:
+    jpeg: bytes
+    original_size: tuple[int, int]  # (width, height) as stored in the file, before EXIF rotation
+    size: tuple[int, int]  # (width, height) of the JPEG written
+    original_format: str
+    original_mode: str
+    reencoded: bool
+    notes: list[str]  # conversions applied: "exif-rotated", "cmyk", "alpha", "16-bit" ...
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Refuse any image of more than `max_pixels` pixels, from its header, before decoding.
+
+    PIL only warns between MAX_IMAGE_PIXELS and twice that (and raises above); the warning is
+    turned into an error here, so a header claiming 50000 x 50000 is never decoded.
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def open_image(data: bytes, draft_side: int | None = None) -> Image.Image:
+    """Open and fully decode `data` (so truncation shows here). Raises `BadImage`.
+
+    Must run inside `pixel_limit` for the bomb check to be strict.
+    """
+    if not data:
+        raise BadImage("empty (zero bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+        if draft_side is not None and img.format == "JPEG":
+            # DCT-domain downscale by 1/2, 1/4 or 1/8 while decoding: both sides stay >= draft_side
+            img.draft("RGB", (draft_side, draft_side))
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"decompression bomb refused ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image PIL can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
+        raise BadImage(f"undecodable image ({type(exc).__name__}: {exc})") from None
+    if img.width < 1 or img.height < 1:
+        raise BadImage(f"degenerate image size {img.size}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert any PIL mode to RGB the way a viewer would show it; returns (image, note).
+
+    - CMYK: through the embedded ICC profile when there is one, else PIL's conversion;
+    - 16-bit and 32-bit integer / float greyscale: scaled to 8 bits (I;16 by 1/257; I and F by
+      1/257 when within 0..65535, otherwise min-max), not clipped;
+    - anything with transparency (RGBA, LA, PA, P or L with a transparent colour): composited
+      over white, so pixels hidden under alpha=0 (often garbage) never show;
+    - L, 1, P, YCbCr, LAB, HSV ...: PIL's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB" and not img.has_transparency_data:
+        return img, None
+    if mode == "CMYK":
+        icc = img.info.get("icc_profile")
+        if icc:
+            try:
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                dst = ImageCms.createProfile("sRGB")
+                return ImageCms.profileToProfile(img, src, dst, outputMode="RGB"), "cmyk-icc"
+            except (ImageCms.PyCMSError, OSError, ValueError):
+                pass
+        return img.convert("RGB"), "cmyk"
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if mode.startswith("I;16") or (lo >= 0 and hi <= 65535 and hi > 255):
+            arr = arr / 257.0
+        elif lo < 0 or hi > 65535:
+            arr = (arr - lo) * (255.0 / max(hi - lo, 1e-12))
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB"), "16-bit" if mode != "F" else "float"
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB"), "alpha"
+    return img.convert("RGB"), mode.lower()
+
+
+def prepare_jpeg(data: bytes, *, max_side: int | None, quality: int) -> Prepared:
+    """Source file bytes -> RGB JPEG bytes for a shard. Raises `BadImage` with the reason.
+
+    The original bytes are kept when the file is a baseline RGB JPEG with no EXIF rotation to
+    apply and no side above `max_side`; everything else is converted and re-encoded.
+    """
+    draft = max_side if max_side else None
+    img = open_image(data, draft_side=draft)
+    fmt, mode = img.format or "?", img.mode
+    # The size stored in the file (draft may have decoded a reduced version).
+    original_size = _file_size(data, img)
+    notes: list[str] = []
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation not in (1, None):
+        try:
+            img = ImageOps.exif_transpose(img)
+        except (ValueError, OSError, TypeError) as exc:
+            raise BadImage(f"bad EXIF orientation ({exc})") from None
+        notes.append("exif-rotated")
+    rgb, note = to_rgb(img)
+    if note:
+        notes.append(note)
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        notes.append("resized")
+    keep = (
+        fmt == "JPEG" and mode == "RGB" and not notes and rgb.size == original_size
+        and data[:2] == JPEG_SOI
+    )
+    if keep:
+        jpeg = data
+    else:
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality)
+        jpeg = buf.getvalue()
+    return Prepared(jpeg=jpeg, original_size=original_size, size=rgb.size, original_format=fmt,
+                    original_mode=mode, reencoded=not keep, notes=notes)
+
+
+def _file_size(data: bytes, img: Image.Image) -> tuple[int, int]:
+    if img.format != "JPEG":
+        return img.size
+    with Image.open(io.BytesIO(data)) as header:  # header only: no decode
+        return header.size
+
+
+def decode_to_square(data: bytes, size: int) -> np.ndarray:
+    """JPEG (or any PIL image) bytes -> uint8 array [size, size, 3]. Raises `BadImage`.
+
+    Resize so the shorter side is `size` (antialiased bilinear), centre-crop the longer side.
+    JPEGs much larger than `size` are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL `draft`),
+    never below `size`: most of the cost of decoding a large photo is skipped.
+    """
+    img = open_image(data, draft_side=size)
+    if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)  # shards from other writers may still carry it
+    img, _ = to_rgb(img)
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def jpeg_header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG header without decoding pixels. Raises `BadImage`."""
+    if len(data) < 4 or data[:2] != JPEG_SOI:
+        raise BadImage("not a JPEG (no SOI marker)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                raise BadImage(f"not a JPEG ({img.format})")
+            return img.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"bad JPEG header ({exc})") from None

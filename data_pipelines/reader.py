@@ -1,0 +1,601 @@
+"""Streaming shard reader: fixed-size uint8 batches with exact resume, for training and evaluation.
+
+    loader = make_train_loader(cfg.data, seed=0, rank=rank, world_size=world_size)
+    for batch in loader:                        # Batch(images uint8 [B,3,S,S], labels, skipped)
+        images, labels = to_device(batch, device)
+    state = loader.state_dict()                 # later: a fresh loader + load_state_dict(state)
+
+Pipeline per (rank, dataloader worker), built from webdataset's pieces (`tarfile_samples` opens
+local paths, `pipe:` and URLs through `gopen`; its `_shuffle` buffer; a counting handler in the
+place of open_clip's `log_and_continue`):
+
+  shard list of the epoch -> chunks of SHARDS_PER_CHUNK shards -> tar members grouped by key
+  -> sample shuffle buffer (seeded, reset at each chunk) -> decode + resize -> batch.
+
+Which shards a (rank, worker) reads is a pure function of (seed, epoch, rank, world_size, worker,
+num_workers) (`worker_shards`):
+  - `resampled: true`: each worker epoch draws ceil(num_shards / (world_size * num_workers))
+    shards with replacement, seeded by (seed, rank, worker, epoch): an endless stream, every
+    reader independent, as webdataset's ResampledShards with a deterministic worker seed;
+  - `resampled: false`: the shard list is shuffled with (seed, epoch) and split by rank and then
+    by worker (webdataset's split_by_node / split_by_worker, with the rank passed in rather than
+    read from the environment), so in one epoch every shard is read by exactly one worker. With
+    fewer shards than readers the split falls back to samples: every reader of a shard keeps
+    sample j of shard s iff (s + j) % readers == reader.
+  - evaluation: the same split without shuffling and without resampling, read once.
+
+Exact resume. A worker's position is (epoch, chunk, raw samples consumed in the chunk); the
+stream from the start of a chunk is deterministic (its shards, its shuffle seed), so
+`load_state_dict` replays the chunk's raw samples up to the position without decoding them
+(tar reading and the shuffle buffer only; at most SHARDS_PER_CHUNK shards) and continues. With
+the same shards, seed, rank, world_size, num_workers and batch size, the batches after a restore
+equal those of an uninterrupted run; torchdata's StatefulDataLoader keeps the per-worker states
+and which worker's batch comes next. Evaluation loaders are finite and restart from the start.
+
+Corrupt data never stops a stream: read errors, members that are empty, missing or do not
+decode are logged and counted; each Batch carries the count since the previous batch of its
+worker (`skipped`, summed by the caller). A stream that finds nothing usable raises `DataError`
+naming its shards.
+
+Decode: `decode: cpu` decodes in the workers with PIL (shorter side to S, centre crop; libjpeg
+DCT scaling via `draft` for large JPEGs). `decode: gpu` has the workers ship the JPEG bytes and
+`to_device` decodes the batch with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`),
+resizing images of equal size together on the GPU. In that mode members must be JPEGs (the
+writer only writes JPEGs); PNG or WebP members of other shards are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipelines.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    decode_to_square,
+    jpeg_header_size,
+    pixel_limit,
+)
+from data_pipelines.manifest import Manifest, read_manifest, resolve_shards
+from lsdr_repr.errors import ConfigError, DataError
+
+__all__ = [
+    "INTERPOLATION", "Batch", "JpegList", "ShardStream", "decode_jpeg_batch", "make_eval_loader",
+    "make_train_loader", "read_manifest", "to_device", "worker_shards",
+]
+
+log = logging.getLogger(__name__)
+
+INTERPOLATION = "bilinear"  # resize filter of both decode paths (recorded by exports)
+SHARDS_PER_CHUNK = 4  # shuffle-buffer reset interval; bounds the replay on resume
+EMPTY_EPOCHS_BEFORE_ERROR = 3  # consecutive worker epochs with no usable sample
+LOGGED_SKIPS = 10  # per worker at WARNING; the rest at DEBUG (all are counted)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+WANTED_EXTS = frozenset((*IMAGE_KEYS, "cls"))
+STATE_VERSION = 1
+
+
+class JpegList(list):
+    """B 1-D uint8 tensors of JPEG bytes (`decode: gpu`), plus the side S to decode them to.
+
+    A list subclass so DataLoader's pin-memory and conversion steps (which copy mutable
+    sequences with `copy.copy`) keep `image_size`.
+    """
+
+    def __init__(self, items: Sequence[torch.Tensor] = (), image_size: int = 0) -> None:
+        super().__init__(items)
+        self.image_size = image_size
+
+
+class Batch(NamedTuple):
+    """One batch of one rank. `images` is uint8 [B,3,S,S] (CPU; pinned when CUDA is there), or
+    with `decode: gpu` a `JpegList` of B 1-D uint8 JPEG tensors (`to_device` decodes them)."""
+
+    images: torch.Tensor | JpegList
+    labels: torch.Tensor  # int64 [B], -1 where a sample has no cls
+    skipped: int  # corrupt samples / read errors this worker skipped since its previous batch
+
+
+# ------------------------------------------------------------------------------- shard plans
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions."""
+    text = "/".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def worker_shards(
+    num_shards: int, *, epoch: int, seed: int, rank: int, world_size: int, worker: int,
+    num_workers: int, mode: str = "train", resampled: bool = True,
+) -> tuple[list[int], tuple[int, int] | None]:
+    """Shard indices one (rank, worker) reads in `epoch`, in order, and its sample filter.
+
+    The filter is None (keep every sample of those shards) or (n, p): keep sample j of shard s
+    iff (s + j) % n == p (used when there are fewer shards than readers).
+    """
+    if num_shards < 1:
+        return [], None
+    readers = world_size * num_workers
+    if mode == "train" and resampled:
+        rng = random.Random(derive_seed(seed, "resampled", rank, worker, epoch))
+        draws = max(1, math.ceil(num_shards / readers))
+        return [rng.randrange(num_shards) for _ in range(draws)], None
+    order = list(range(num_shards))
+    if mode == "train":
+        random.Random(derive_seed(seed, "shard-order", epoch)).shuffle(order)
+    if num_shards < world_size:
+        return order, (readers, rank * num_workers + worker)
+    mine = order[rank::world_size]
+    if len(mine) < num_workers:
+        return mine, (num_workers, worker)
+    return mine[worker::num_workers], None
+
+
+# ---------------------------------------------------------------------------------- the stream
+class ShardStream(IterableDataset):
+    """Per-worker stream of `Batch`es of one rank; `state_dict`/`load_state_dict` for resume."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        image_size: int,
+        batch_size: int,
+        mode: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = True,
+        shuffle_buffer: int = 2000,
+        output: str = "decoded",
+        name: str = "",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        if mode not in ("train", "eval") or output not in ("decoded", "jpeg"):
+            raise ValueError(f"mode={mode!r}, output={output!r}")
+        if not urls:
+            raise DataError(f"{name or 'shards'}: no shards to read")
+        if image_size < 1 or batch_size < 1:
+            raise ConfigError(f"image_size and batch_size must be positive "
+                              f"(got {image_size}, {batch_size})")
+        self.urls = list(urls)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.output, self.name, self.max_pixels = output, name or self.urls[0], max_pixels
+        self._epoch = self._chunk = self._consumed = 0
+        self._resume: dict[str, Any] | None = None
+        self._pending_skips = self._skip_total = self._logged_skips = 0
+        self._replaying = False
+        self._url_set = set(self.urls)
+
+    # -- state (called by StatefulDataLoader inside the worker, between batches)
+    def state_dict(self) -> dict[str, Any]:
+        info = get_worker_info()  # asked here too: a worker's first state predates its __iter__
+        return {
+            "version": STATE_VERSION, "epoch": self._epoch, "chunk": self._chunk,
+            "consumed": self._consumed, "seed": self.seed, "rank": self.rank,
+            "world_size": self.world_size, "num_workers": info.num_workers if info else 1,
+            "num_shards": len(self.urls), "batch_size": self.batch_size,
+            "resampled": self.resampled,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DataError(f"{self.name}: data-loader state of an unknown version: {state!r:.200}")
+        self._resume = dict(state)
+
+    def _start_position(self, worker: int, num_workers: int) -> tuple[int, int, int]:
+        state, self._resume = self._resume, None
+        if state is None:
+            return 0, 0, 0
+        same = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": num_workers, "num_shards": len(self.urls),
+                "batch_size": self.batch_size, "resampled": self.resampled}
+        changed = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
+        if changed:
+            # Not the same stream any more: resume at the next epoch rather than mid-way.
+            log.warning("%s: worker %d: the saved data state was made with %s; continuing at "
+                        "epoch %d from its start (not an exact resume)", self.name, worker,
+                        ", ".join(f"{k}={a} (now {b})" for k, (a, b) in changed.items()),
+                        int(state.get("epoch", 0)) + 1)
+            return int(state.get("epoch", 0)) + 1, 0, 0
+        return int(state["epoch"]), int(state["chunk"]), int(state["consumed"])
+
+    # -- iteration
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, chunk, consumed = self._start_position(worker, num_workers)
+        self._pending_skips = 0
+        images: list[Any] = []
+        labels: list[int] = []
+        held: Batch | None = None  # eval: one batch held back to carry the trailing skip count
+        # A stream that never produced a sample fails after a few empty epochs; once it has,
+        # empty epochs (a resampled draw of only corrupt shards) are just logged.
+        ever_good = False
+        empty: dict[str, Any] = {"epochs": 0, "raw": 0, "skips": 0, "shards": set()}
+        while True:
+            chunks, sample_filter = self._epoch_chunks(epoch, worker, num_workers)
+            good = raw_total = 0
+            skips_before = self._skip_total
+            for ci in range(chunk, len(chunks)):
+                self._epoch, self._chunk, self._consumed = epoch, ci, 0
+                raw = self._raw_samples(chunks[ci], sample_filter, epoch, ci, worker)
+                if consumed:
+                    # Exact resume: replay the chunk's raw samples, no decoding, then drop the
+                    # skips seen while replaying (they were reported before the checkpoint).
+                    self._replaying = True
+                    self._consumed = sum(1 for _ in itertools.islice(raw, consumed))
+                    self._replaying = False
+                    self._pending_skips = 0
+                    consumed = 0
+                for sample in raw:
+                    self._consumed += 1
+                    raw_total += 1
+                    item = self._decode(sample)
+                    if item is None:
+                        continue
+                    good += 1
+                    images.append(item[0])
+                    labels.append(item[1])
+                    if len(images) == self.batch_size:
+                        batch = self._make_batch(images, labels)
+                        images, labels = [], []
+                        if self.mode == "train":
+                            yield batch
+                        else:
+                            if held is not None:
+                                yield held
+                            held = batch
+            chunk = 0
+            if self.mode == "eval":
+                if images:
+                    if held is not None:
+                        yield held
+                    held = self._make_batch(images, labels)
+                if held is not None:
+                    yield held._replace(skipped=held.skipped + self._pending_skips)
+                elif self._pending_skips:
+                    log.warning("%s: worker %d of rank %d: all %d samples it read were skipped",
+                                self.name, worker, self.rank, self._pending_skips)
+                return
+            ever_good = ever_good or good > 0
+            if good or ever_good:
+                if not good:
+                    log.warning("%s: rank %d worker %d: epoch %d gave no usable sample",
+                                self.name, self.rank, worker, epoch)
+            else:
+                empty["epochs"] += 1
+                empty["raw"] += raw_total
+                empty["skips"] += self._skip_total - skips_before
+                empty["shards"].update(s for c in chunks for s in c)
+                if empty["epochs"] >= EMPTY_EPOCHS_BEFORE_ERROR:
+                    raise DataError(self._empty_message(empty, worker, num_workers))
+            epoch += 1
+
+    def _epoch_chunks(self, epoch: int, worker: int, num_workers: int
+                      ) -> tuple[list[list[int]], tuple[int, int] | None]:
+        """This worker's shards of `epoch`, cut into shuffle chunks, and its sample filter."""
+        shard_ids, sample_filter = worker_shards(
+            len(self.urls), epoch=epoch, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, worker=worker, num_workers=num_workers,
+            mode=self.mode, resampled=self.resampled)
+        per_chunk = SHARDS_PER_CHUNK if self.mode == "train" else max(1, len(shard_ids))
+        chunks = [shard_ids[i:i + per_chunk] for i in range(0, len(shard_ids), per_chunk)]
+        return chunks, sample_filter
+
+    def _empty_message(self, empty: dict[str, Any], worker: int, num_workers: int) -> str:
+        shards = sorted(self.urls[i] for i in empty["shards"])
+        listed = ", ".join(shards[:3]) + (f" (+{len(shards) - 3} more)" if len(shards) > 3 else "")
+        if empty["raw"] == 0 and empty["skips"] == 0:
+            why = "they hold no samples for this reader"
+        else:
+            why = f"{empty['raw']} samples read, {empty['skips']} skipped as corrupt"
+        return (f"{self.name}: no usable sample in {empty['epochs']} epochs of rank {self.rank} "
+                f"worker {worker}/{num_workers}, from {listed} ({why})")
+
+    def _raw_samples(self, shard_ids: list[int], sample_filter: tuple[int, int] | None,
+                     epoch: int, chunk: int, worker: int) -> Iterator[dict[str, Any]]:
+        from webdataset.filters import _shuffle
+        from webdataset.tariterators import tarfile_samples
+
+        def samples() -> Iterator[dict[str, Any]]:
+            for s in shard_ids:
+                stream = tarfile_samples([{"url": self.urls[s]}], handler=self._on_read_error,
+                                         select_files=_wanted_member)
+                for j, sample in enumerate(stream):
+                    if sample_filter is None or (s + j) % sample_filter[0] == sample_filter[1]:
+                        yield sample
+
+        it = samples()
+        if self.mode == "train" and self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, "samples", self.rank, worker, epoch, chunk))
+            it = _shuffle(it, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        return it
+
+    # -- decoding and skipping
+    def _on_read_error(self, exn: Exception) -> bool:
+        """webdataset handler: log, count, carry on with the next member or shard."""
+        # webdataset appends (stream, url) to the exception's args; keep the message and the url
+        args = getattr(exn, "args", ())
+        url = next((a for a in reversed(args) if isinstance(a, str) and a in self._url_set),
+                   self.name)
+        text = str(args[0]) if args else ""
+        self._skip(f"read error: {type(exn).__name__}: {text}", None, where=url)
+        return True
+
+    def _skip(self, reason: str, sample: dict[str, Any] | None, where: str = "") -> None:
+        self._pending_skips += 1
+        self._skip_total += 1
+        self._logged_skips += not self._replaying
+        if sample:
+            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        where = where or self.name
+        quiet = self._replaying or self._logged_skips > LOGGED_SKIPS  # replays were logged before
+        level = logging.DEBUG if quiet else logging.WARNING
+        log.log(level, "skipping %s: %s", where, reason)
+        if self._logged_skips == LOGGED_SKIPS and not self._replaying:
+            log.warning("%s: further skipped samples are logged at DEBUG level", self.name)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[Any, int] | None:
+        ext = next((k for k in IMAGE_KEYS if k in sample), None)
+        if ext is None:
+            keys = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+            self._skip(f"no image member (has {keys})", sample)
+            return None
+        label = -1
+        if "cls" in sample:
+            try:
+                label = int(sample["cls"].decode().strip())
+            except (UnicodeDecodeError, ValueError):
+                self._skip(f"cls is not an integer: {sample['cls'][:20]!r}", sample)
+                return None
+        data = sample[ext]
+        try:
+            with pixel_limit(self.max_pixels):
+                if self.output == "jpeg":
+                    jpeg_header_size(data)  # header check only: nvJPEG decodes the pixels
+                    return np.frombuffer(data, dtype=np.uint8), label
+                return decode_to_square(data, self.image_size), label
+        except BadImage as exc:
+            self._skip(f"{ext}: {exc}", sample)
+            return None
+
+    def _make_batch(self, images: list[Any], labels: list[int]) -> Batch:
+        skipped, self._pending_skips = self._pending_skips, 0
+        label_t = torch.tensor(labels, dtype=torch.int64)
+        if self.output == "jpeg":
+            jpegs = JpegList([torch.from_numpy(a.copy()) for a in images], self.image_size)
+            return Batch(jpegs, label_t, skipped)
+        stacked = torch.from_numpy(np.stack(images))  # [B,S,S,3]
+        return Batch(stacked.permute(0, 3, 1, 2).contiguous(), label_t, skipped)
+
+
+def _wanted_member(name: str) -> bool:
+    """Tar members the reader needs (the json metadata is left unread)."""
+    return name.rpartition(".")[2].lower() in WANTED_EXTS
+
+
+# ---------------------------------------------------------------------------------- loaders
+class ShardLoader(StatefulDataLoader):
+    """StatefulDataLoader of `Batch`es whose worker errors surface as one-line `DataError`s."""
+
+    manifest: Manifest | None = None
+    per_rank_batch: int = 0
+
+    def __init__(self, dataset: ShardStream, *, empty_is_error: bool, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls a deprecated torch API on every construction; not ours to fix
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            super().__init__(dataset, batch_size=None, **kwargs)
+        self._empty_is_error = empty_is_error
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _CleanErrors(super().__iter__(), self.dataset, self._empty_is_error)
+
+
+class _CleanErrors:
+    def __init__(self, it: Iterator[Batch], dataset: ShardStream, empty_is_error: bool) -> None:
+        self._it, self._dataset, self._empty_is_error = it, dataset, empty_is_error
+        self._batches = 0
+
+    def __iter__(self) -> _CleanErrors:
+        return self
+
+    def __next__(self) -> Batch:
+        message = None
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self._batches == 0 and self._empty_is_error:
+                message = (f"{self._dataset.name}: no usable sample in the shards (all skipped "
+                           f"or empty: see the warnings above)")
+            else:
+                raise
+        except DataError as exc:
+            message = _worker_message(str(exc))
+            # Stop the workers now, while their queues are intact: left to the traceback's
+            # garbage collection, torch's shutdown waits 5 s per worker for them to exit.
+            shutdown = getattr(self._it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if message is not None:
+            raise DataError(message)
+        self._batches += 1
+        return batch
+
+
+def _worker_message(text: str) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker."""
+    if "Original Traceback" not in text:
+        return text
+    for line in reversed(text.strip().splitlines()):
+        head, sep, message = line.partition("DataError: ")
+        if sep and not head.startswith(" "):
+            return message
+    return text.strip().splitlines()[-1]
+
+
+def _loader(dataset: ShardStream, *, num_workers: int, prefetch_factor: int, pin_memory: bool,
+            empty_is_error: bool) -> ShardLoader:
+    if num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+    kwargs: dict[str, Any] = {"num_workers": num_workers,
+                              "pin_memory": pin_memory and torch.cuda.is_available()}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = max(1, prefetch_factor)
+    return ShardLoader(dataset, empty_is_error=empty_is_error, **kwargs)
+
+
+def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: int = 1
+                      ) -> ShardLoader:
+    """Endless shuffled `Batch`es of `data_cfg.train_shards` for one rank (a DataConfig).
+
+    Per-rank batch = data_cfg.batch_size // world_size (`ConfigError` unless it divides).
+    `loader.manifest` is the shards' manifest (None for specs without one).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
+    if data_cfg.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={data_cfg.batch_size} (the global batch) is not "
+                          f"divisible by the world size {world_size}")
+    per_rank = data_cfg.batch_size // world_size
+    urls, manifest = resolve_shards(data_cfg.train_shards)
+    output = "decoded"
+    if data_cfg.decode == "gpu":
+        if torch.cuda.is_available():
+            output = "jpeg"
+        else:
+            log.warning("data.decode=gpu but CUDA is not available: decoding on the CPU workers")
+    dataset = ShardStream(
+        urls, image_size=data_cfg.image_size, batch_size=per_rank, mode="train", seed=seed,
+        rank=rank, world_size=world_size, resampled=data_cfg.resampled,
+        shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=str(data_cfg.train_shards))
+    loader = _loader(dataset, num_workers=data_cfg.num_workers,
+                     prefetch_factor=data_cfg.prefetch_factor, pin_memory=data_cfg.pin_memory,
+                     empty_is_error=True)
+    loader.manifest, loader.per_rank_batch = manifest, per_rank
+    return loader
+
+
+def make_eval_loader(shards: str | os.PathLike, image_size: int, batch_size: int,
+                     num_workers: int = 0, rank: int = 0, world_size: int = 1, *,
+                     pin_memory: bool = True) -> ShardLoader:
+    """Finite, ordered `Batch`es (batch_size per rank); over all ranks every sample exactly once.
+
+    Shards are split between ranks, then workers (samples when there are fewer shards than
+    readers); the last batch of each worker may be smaller. Decoding is on the CPU.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
+    urls, manifest = resolve_shards(shards)
+    dataset = ShardStream(urls, image_size=image_size, batch_size=batch_size, mode="eval",
+                          rank=rank, world_size=world_size, resampled=False, shuffle_buffer=0,
+                          name=str(shards))
+    loader = _loader(dataset, num_workers=num_workers, prefetch_factor=2, pin_memory=pin_memory,
+                     empty_is_error=world_size == 1)
+    loader.manifest, loader.per_rank_batch = manifest, batch_size
+    return loader
+
+
+# ------------------------------------------------------------------------------ to the device
+def to_device(batch: Batch, device: torch.device | str, non_blocking: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [B,3,S,S], int64 labels [B]) on `device`, for either decode mode."""
+    device = torch.device(device)
+    labels = batch.labels.to(device, non_blocking=non_blocking)
+    if isinstance(batch.images, torch.Tensor):
+        return batch.images.to(device, non_blocking=non_blocking), labels
+    side = getattr(batch.images, "image_size", 0)
+    if not side:
+        raise DataError("a batch of raw JPEGs without its image size: use decode_jpeg_batch")
+    return decode_jpeg_batch(batch.images, side, device), labels
+
+
+def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], size: int, device: torch.device | str
+                      ) -> torch.Tensor:
+    """B JPEGs (1-D uint8 tensors) -> uint8 [B,3,size,size] on `device`.
+
+    One batched nvJPEG call on CUDA (torchvision.io.decode_jpeg on a list); images of the same
+    size are then resized together (antialiased bilinear: shorter side to `size`, centre crop),
+    so the Python loop runs over distinct sizes, not images. An image that fails to decode
+    falls back to PIL on the CPU; if that fails too it is replaced by the batch's previous
+    image (logged) so every rank keeps its batch size.
+    """
+    device = torch.device(device)
+    try:
+        decoded = _decode_jpeg(list(jpegs), device)
+    except RuntimeError:
+        decoded = [_decode_one(j, device) for j in jpegs]
+    out = torch.empty((len(decoded), 3, size, size), dtype=torch.uint8, device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(decoded):
+        if img is not None:
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+    for idx in groups.values():
+        stack = torch.stack([decoded[i] for i in idx])
+        out[idx] = _resize_center_crop(stack, size)
+    failed = [i for i, img in enumerate(decoded) if img is None]
+    if failed:
+        log.warning("%d of %d JPEGs in a batch could not be decoded; repeating neighbours",
+                    len(failed), len(decoded))
+        good = [i for i in range(len(decoded)) if decoded[i] is not None]
+        if not good:
+            raise DataError("no image of the batch could be decoded")
+        for i in failed:
+            out[i] = out[max([g for g in good if g < i], default=good[0])]
+    return out
+
+
+def _decode_jpeg(data: Any, device: torch.device) -> Any:
+    """torchvision's nvJPEG / libjpeg-turbo decode (a tensor or a list of them), RGB out."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs in favour of torchcodec; they still work
+        # and torchcodec is not a dependency of this project.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one(jpeg: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _decode_jpeg(jpeg, device)
+    except RuntimeError:
+        pass
+    try:
+        from data_pipelines.images import open_image, to_rgb
+
+        img, _ = to_rgb(open_image(jpeg.numpy().tobytes()))
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+        return arr.permute(2, 0, 1).to(device)
+    except BadImage:
+        return None
+
+
+def _resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> uint8 [N,3,size,size]: shorter side to size (antialiased bilinear),
+    centre crop (the geometry of the CPU path, `PIL.ImageOps.fit`)."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    crop_h, crop_w = min(h, round(size / scale)), min(w, round(size / scale))
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    images = images[..., top:top + crop_h, left:left + crop_w]
+    if (crop_h, crop_w) == (size, size):
+        return images.contiguous()
+    resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
