@@ -8,9 +8,11 @@ no-op twins. Everything that touches files, signals or the network lives in its 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from lsdr_repr.models import build_model
 from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import PreemptionFlag
+from lsdr_repr.prefetch import Prefetcher
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,16 @@ class Trainer:
             cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size
         )
 
+        # Stage batch k+1 (copy, decode, augmentation) while step k runs (lsdr_repr.prefetch);
+        # False stages each batch just before its step (same results, for benchmarks).
+        self.overlap = True
+        # Called after every step with the trainer (benchmarks time steps through it);
+        # `last_data_wait_s` is the host time that step's batch was waited for.
+        self.step_hook: Callable[[Trainer], None] | None = None
+        self.last_data_wait_s = 0.0
+        self._feed: Prefetcher | None = None  # kept between run() calls that pause
+        self._feed_loader: object = None  # the loader the feed reads
+
         self.step = 0
         self.nonfinite_total = 0
         self.skipped_samples = 0
@@ -184,9 +197,14 @@ class Trainer:
 
     def _checkpoint_state(self) -> dict:
         # Collective: every rank contributes its random state and data-stream position.
-        rng = {"global": capture_rng_state(), "augment": self.aug_generator.get_state().cpu()}
+        # With a batch staged ahead, the loader and augmentation generator are one batch ahead
+        # of the step: save their state from before that batch was fetched.
+        data_state, aug_state = (
+            self._feed.resume_snapshot() if self._feed is not None else self._stream_state()
+        )
+        rng = {"global": capture_rng_state(), "augment": aug_state}
         rngs = dist.gather_objects(rng)
-        data_states = dist.gather_objects(self.loader.state_dict())
+        data_states = dist.gather_objects(data_state)
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "step": self.step,
@@ -226,21 +244,38 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
+    def _stream_state(self) -> tuple[dict, torch.Tensor]:
+        """(loader state, augmentation generator state) now."""
+        return copy.deepcopy(self.loader.state_dict()), self.aug_generator.get_state().cpu()
+
     # ------------------------------------------------------------------------------- step
-    def _train_step(self, images: torch.Tensor) -> tuple[torch.Tensor, object, list, bool]:
-        """One optimiser step over `accumulation_steps` micro-batches; returns the loss, the last
-        loss output, the last views, and whether the step was applied (finite)."""
-        accum = self.cfg.optim.accumulation_steps
-        chunks = images.chunk(accum)
+    def _stage(self, batch) -> tuple[list[list[torch.Tensor]], int]:
+        """Batch -> (views of each micro-batch, skipped count): the device copy (or GPU decode)
+        and the augmentation, run by the prefetcher on its side stream."""
+        images, _ = self.to_device(batch, self.device)
+        with torch.no_grad():
+            views = [self.augment(chunk, generator=self.aug_generator)
+                     for chunk in images.chunk(self.cfg.optim.accumulation_steps)]
+        return views, int(batch.skipped)
+
+    def model_step(self, views: list[torch.Tensor]) -> bool:
+        """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
+        that benchmarks compare the end-to-end rate with. Returns whether it was applied."""
+        return self._train_step([views])[3]
+
+    def _train_step(
+        self, chunks: list[list[torch.Tensor]], prefetch: bool = False
+    ) -> tuple[torch.Tensor, object, list, bool]:
+        """One optimiser step over micro-batches (the views of each); returns the loss, the last
+        loss output, the last views, and whether the step was applied (finite). prefetch: stage
+        the next batch once this step's kernels are queued, before the step synchronises."""
         # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
         # must not leave NaNs in them, so they are backed up (one fused copy) and restored.
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
         total = torch.zeros((), device=self.device)
         out = views = None
-        for i, chunk in enumerate(chunks):
-            with torch.no_grad():
-                views = self.augment(chunk, generator=self.aug_generator)
+        for i, views in enumerate(chunks):
             sync = i == len(chunks) - 1 or not isinstance(
                 self.multiview, nn.parallel.DistributedDataParallel
             )
@@ -254,6 +289,8 @@ class Trainer:
                 out = self.loss_fn([o.projection for o in outputs], [o.stages for o in outputs])
                 (out.total / len(chunks)).backward()
             total = total + out.total.detach() / len(chunks)
+        if prefetch and self._feed is not None:
+            self._feed.prefetch()
         finite = torch.isfinite(total)
         if self.world_size > 1:
             finite = finite.float()
@@ -271,26 +308,36 @@ class Trainer:
         return total, out, views, applied
 
     # -------------------------------------------------------------------------------- run
-    def run(self) -> TrainResult:
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train to `train.total_steps` (or for at most `max_steps` steps of this call: benchmarks
+        and tests; no final checkpoint unless total_steps is reached)."""
         cfg = self.cfg.train
+        end = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
         preempt = PreemptionFlag(cfg.preempt_signal)
         nonfinite_streak = 0
         last_ckpt: Path | None = None
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         exit_code = EXIT_OK
+        paused = False
         self.model.train()
         try:
-            iterator = iter(self.loader)
+            if self._feed is None or self._feed_loader is not self.loader:
+                self._feed = Prefetcher(iter(self.loader), self._stage, self.device,
+                                        snapshot=self._stream_state)
+                self._feed_loader = self.loader
+            self._feed.ahead = self.overlap
             if self.step >= cfg.total_steps:
                 log.info("run already complete at step %d", self.step)
-            while self.step < cfg.total_steps:
-                t_wait = time.perf_counter()
-                batch = next(iterator)
-                images, _ = self.to_device(batch, self.device)
-                window_wait += time.perf_counter() - t_wait
-                self.skipped_samples += int(batch.skipped)
+            while self.step < end:
+                staged = next(self._feed)
+                chunks, skipped = staged.value
+                # host time blocked on the loader (for a batch fetched ahead, inside the
+                # previous step, where the GPU may still have been busy)
+                self.last_data_wait_s = staged.wait_s
+                window_wait += staged.wait_s
+                self.skipped_samples += skipped
 
-                loss, out, views, applied = self._train_step(images)
+                loss, out, views, applied = self._train_step(chunks, prefetch=self.step + 1 < end)
                 self.step += 1
                 self.scheduler.step_update(self.step)
                 window_samples += self.global_batch
@@ -316,6 +363,7 @@ class Trainer:
                     self.progress.update(self.step, metrics)
                     window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
                 self._periodic_media(views)
+                self._online_eval()
 
                 stop = self._agree(preempt.is_set)
                 if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
@@ -325,16 +373,21 @@ class Trainer:
                                 self.step, last_ckpt, EXIT_PREEMPTED)
                     exit_code = EXIT_PREEMPTED
                     break
+                if self.step_hook is not None:
+                    self.step_hook(self)
+            paused = self.step < cfg.total_steps and exit_code == EXIT_OK
         except TrainingDiverged as exc:
             log.error("%s", exc)
             exit_code = EXIT_DIVERGED
         finally:
             preempt.close()
-            self.progress.close()
-            self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
-            self.tracker.finish()
+            if not paused:  # stopped by max_steps: run() may be called again to go on
+                self._feed = None
+                self.progress.close()
+                self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
+                self.tracker.finish()
         last_ckpt = last_ckpt or find_latest_valid(self.run_dir)
-        if exit_code == EXIT_OK:
+        if exit_code == EXIT_OK and not paused:
             log.info("done: step %d; checkpoint %s; W&B run %s", self.step, last_ckpt,
                      self.tracker.run_path)
         return TrainResult(exit_code, self.step, self.run_dir, last_ckpt, self.tracker.run_path)
@@ -368,6 +421,22 @@ class Trainer:
         diag = embedding_diagnostics(self._last_projection)
         metrics.update({f"diag/{k}": v for k, v in diag.items()})
         return metrics
+
+    def _online_eval(self) -> None:
+        """Leave-one-out kNN on data.val_shards every train.eval_every steps, on rank 0 only
+        (no collectives inside; the other ranks wait at the next one)."""
+        cfg = self.cfg
+        due = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+        if not (due and cfg.data.val_shards) or self.rank != 0:
+            return
+        from lsdr_repr.evaluate import online_knn
+
+        scores = online_knn(self.model.backbone, cfg.data.val_shards, cfg.augment.crop_size,
+                            cfg.augment.mean, cfg.augment.std, device=self.device,
+                            num_workers=min(2, cfg.data.num_workers))
+        self.tracker.log({f"knn/{k}": v for k, v in scores.items()}, self.step)
+        log.info("step %d: online kNN %s", self.step,
+                 ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train

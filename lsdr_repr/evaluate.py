@@ -1,0 +1,819 @@
+"""Evaluate a trained backbone: kNN, linear probe, fine-tuning, invariance and effective rank.
+
+    lsdr eval knn runs/demo --train data/sample/train --val data/sample/val
+    lsdr eval linear runs/demo                      # shards default to the run's data.* entries
+    lsdr eval invariance runs/demo --data data/sample/test
+    lsdr eval rank runs/demo
+
+SOURCE is a run directory (newest valid checkpoint), a checkpoint file or a timm export folder.
+Images are read with the finite eval reader (`data_pipelines.reader.make_eval_loader`; a plain
+ImageFolder tree works too) as the centre view at the train input size R, normalised with the run's
+mean/std. Features are computed once per (weights, data, size) and cached under the results folder.
+Every command prints a table, writes RESULTS/<name>.json (RESULTS = RUN_DIR/eval by default) and
+logs to the run's W&B run when its id is stored in the checkpoint.
+
+Library use: `online_knn` (the trainer's periodic kNN), `extract_features`, `invariance_table`,
+`demo_report`/`format_report` (the end of `lsdr demo`); the maths lives in `lsdr_repr.probes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsdr_repr import probes
+from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
+
+log = logging.getLogger(__name__)
+
+# The invariance table's rows: lighting, rotation, scale as its two directions, all at once
+# (lsdr_repr.augment.FAMILIES also has "scale", a per-image coin flip between zoom in and out).
+FAMILIES = ("lighting", "rotation", "zoom_in", "zoom_out", "combined")
+DEFAULT_STRENGTHS = (0.25, 0.5, 1.0)
+INVARIANCE_LEGEND = ("cosine(image, transformed) / the same centred / retrieval top-1 of the "
+                     "transformed copy among the originals")
+CACHE_VERSION = 1
+
+
+@dataclass
+class Features:
+    x: torch.Tensor  # [N, F] float32, CPU
+    y: torch.Tensor  # [N] int64 (-1: unlabelled)
+    skipped: int = 0  # samples the reader could not decode
+
+    def labelled(self, what: str) -> Features:
+        """Self, or a `DataError` naming `what` if any sample lacks a label."""
+        if len(self.y) == 0:
+            raise DataError(f"{what}: no images were read")
+        missing = int((self.y < 0).sum())
+        if missing:
+            raise DataError(f"{what}: {missing} of {len(self.y)} samples have no label (cls)")
+        return self
+
+
+# ------------------------------------------------------------------------------------ reading
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_image_folder(path: str | Path) -> bool:
+    """A class-per-subfolder image tree (torchvision ImageFolder) rather than a shard spec."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "manifest.json").exists()
+            and not any(path.glob("*.tar")) and any(p.is_dir() for p in path.iterdir()))
+
+
+def iter_images(
+    data: str | Path,
+    image_size: int,
+    batch_size: int = 128,
+    num_workers: int = 2,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(uint8 images [B,3,S,S], labels [B], skipped) of a shard spec or ImageFolder, in order."""
+    if is_image_folder(data):
+        yield from _iter_image_folder(Path(data), image_size, batch_size, num_workers)
+        return
+    from data_pipelines.reader import make_eval_loader
+
+    loader = make_eval_loader(str(data), image_size, batch_size, num_workers)
+    for batch in loader:
+        yield batch.images, batch.labels, int(batch.skipped)
+
+
+def _image_folder_transform(image_size: int) -> Callable:
+    from torchvision import transforms
+
+    # The eval reader's view: shorter side to S, centre crop S.
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR,
+                          antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.PILToTensor(),
+    ])
+
+
+def _iter_image_folder(
+    root: Path, image_size: int, batch_size: int, num_workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(str(root), transform=_image_folder_transform(image_size))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{root}: not a readable image folder ({exc})") from None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    for images, labels in loader:
+        yield images, labels.long(), 0
+
+
+def _data_identity(data: str | Path) -> str:
+    """What the feature cache keys on for a data source (content digests where recorded)."""
+    if is_image_folder(data):
+        files = sorted(p for p in Path(data).rglob("*") if p.is_file())
+        return json.dumps([str(Path(data).resolve())] +
+                          [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    from data_pipelines.manifest import is_remote, resolve_shards
+
+    urls, manifest = resolve_shards(str(data))
+    if manifest is not None:
+        return json.dumps([str(manifest.root.resolve())] + [s.sha256 for s in manifest.shards])
+    ids = []
+    for url in urls:
+        if is_remote(url):
+            ids.append(url)
+        else:
+            st = os.stat(url)
+            ids.append(f"{Path(url).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return json.dumps(ids)
+
+
+# ---------------------------------------------------------------------------------- features
+def normalize_images(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [B,3,S,S] (or float in [0,1]) -> float [B,3,size,size] normalised with mean/std."""
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    data: str | Path,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 128,
+    num_workers: int = 2,
+    max_samples: int | None = None,
+) -> Features:
+    """Embeddings [N,F] and labels [N] of every image in `data` (centre view at image_size).
+
+    The backbone is put in eval mode for the pass and given back in the mode it was in.
+    """
+    device = resolve_device(device)
+    was_training = backbone.training
+    backbone.eval()
+    xs, ys, skipped, seen = [], [], 0, 0
+    try:
+        for images, labels, skip in iter_images(data, image_size, batch_size, num_workers):
+            skipped += skip
+            if max_samples is not None:
+                images, labels = images[:max_samples - seen], labels[:max_samples - seen]
+            x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
+            xs.append(backbone(x).float().cpu())
+            ys.append(labels.long().cpu())
+            seen += len(labels)
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        backbone.train(was_training)
+    if not xs:
+        raise DataError(f"{data}: no images were read")
+    return Features(torch.cat(xs), torch.cat(ys), skipped)
+
+
+def cached_features(
+    backbone: nn.Module,
+    weights_key: str,
+    data: str | Path,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cache_dir: Path | None,
+    **kwargs: Any,
+) -> Features:
+    """`extract_features`, stored as safetensors in `cache_dir` keyed by weights, data and view."""
+    if cache_dir is None:
+        return extract_features(backbone, data, image_size, mean, std, **kwargs)
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps([CACHE_VERSION, weights_key, _data_identity(data), image_size, list(mean),
+                      list(std), kwargs.get("max_samples")])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"features-{digest}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+            log.info("features of %s from cache %s", data, path.name)
+            return Features(stored["x"], stored["y"], int(stored["skipped"]))
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            log.warning("feature cache %s unreadable (%s): recomputing", path, exc)
+    started = time.perf_counter()
+    feats = extract_features(backbone, data, image_size, mean, std, **kwargs)
+    log.info("features of %s: %d x %d in %.1fs", data, *feats.x.shape,
+             time.perf_counter() - started)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"x": feats.x.contiguous(), "y": feats.y.contiguous(),
+               "skipped": torch.tensor(feats.skipped)}, str(tmp))
+    os.replace(tmp, path)
+    return feats
+
+
+class _Evaluator:
+    """A loaded backbone with its results folder and feature cache (one per CLI command)."""
+
+    def __init__(self, trained: TrainedBackbone, results_dir: Path | None, device: str,
+                 batch_size: int, num_workers: int) -> None:
+        self.trained = trained
+        self.results_dir = results_dir
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        trained.backbone.to(self.device)
+
+    def features(self, data: str | Path, backbone: nn.Module | None = None,
+                 weights_key: str | None = None, max_samples: int | None = None) -> Features:
+        t = self.trained
+        cache = self.results_dir / "cache" if self.results_dir is not None else None
+        return cached_features(
+            backbone if backbone is not None else t.backbone,
+            weights_key or t.cache_key(), data, t.image_size, t.mean, t.std, cache,
+            device=self.device, batch_size=self.batch_size, num_workers=self.num_workers,
+            max_samples=max_samples,
+        )
+
+
+# ------------------------------------------------------------------------------ evaluations
+def knn_eval(ev: _Evaluator, train: str, val: str, k: int = 20,
+             temperature: float = 0.07) -> dict[str, Any]:
+    tr = ev.features(train).labelled(train)
+    va = ev.features(val).labelled(val)
+    acc = probes.knn_accuracy(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
+                              va.y.to(ev.device), k=k, temperature=temperature)
+    return {"metrics": {**acc, "k": k, "temperature": temperature},
+            "details": {"train": str(train), "val": str(val), "num_train": len(tr.y),
+                        "num_val": len(va.y)}}
+
+
+def linear_eval(ev: _Evaluator, train: str, val: str,
+                weight_decays: Sequence[float] = probes.DEFAULT_WEIGHT_DECAYS,
+                seed: int = 0) -> dict[str, Any]:
+    tr = ev.features(train).labelled(train)
+    va = ev.features(val).labelled(val)
+    res = probes.linear_probe(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
+                              va.y.to(ev.device), weight_decays=weight_decays, seed=seed)
+    return {"metrics": res.metrics(),
+            "details": {"train": str(train), "val": str(val), "num_train": len(tr.y),
+                        "num_val": len(va.y), "val_top1_per_weight_decay": res.val_top1}}
+
+
+def embedding_rank(z: torch.Tensor) -> dict[str, Any]:
+    """z [N,F] -> {"rankme", "numerical_rank", "eigenvalues" [F] (covariance, descending)}.
+
+    RankMe and the spectrum are the trainer's own (lsdr_repr.objectives); numerical_rank counts
+    eigenvalues above 1e-6 of the largest (float32 features carry ~1e-7 relative noise).
+    """
+    from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
+
+    eig = covariance_spectrum(z.float()).float().cpu()
+    rank = embedding_diagnostics(z.float())["rankme"]
+    top = float(eig[0]) if eig.numel() else 0.0
+    numerical = int((eig > 1e-6 * top).sum()) if top > 0 else 0
+    return {"rankme": float(rank), "numerical_rank": numerical, "eigenvalues": eig}
+
+
+def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict[str, Any]:
+    feats = ev.features(data, max_samples=max_samples)
+    if feats.x.shape[0] < 2:
+        raise DataError(f"{data}: the rank needs at least 2 images")
+    result = embedding_rank(feats.x)
+    eig, rank = result["eigenvalues"], result["rankme"]
+    png = None
+    if ev.results_dir is not None:
+        png = plot_spectrum(eig, ev.results_dir / "rank_spectrum.png",
+                            f"{ev.trained.arch} step {ev.trained.step}: RankMe {rank:.1f}")
+    return {"metrics": {"rankme": rank, "numerical_rank": result["numerical_rank"],
+                        "num_features": int(feats.x.shape[1]),
+                        "num_samples": int(feats.x.shape[0])},
+            "details": {"data": str(data), "eigenvalues": [float(v) for v in eig],
+                        "plot": str(png) if png else None}}
+
+
+def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str) -> Path:
+    """Log-scale eigenvalue spectrum [F] (descending) as a PNG."""
+    # A bare Figure on the Agg canvas: no pyplot, so no global backend or figure registry that
+    # the trainer's own plotting (or a notebook) would share.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    eig = eigenvalues.double().clamp_min(1e-12).cpu().numpy()
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.semilogy(range(1, len(eig) + 1), eig)
+    ax.set_xlabel("eigenvalue index")
+    ax.set_ylabel("eigenvalue of the embedding covariance")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+@torch.no_grad()
+def invariance_table(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    images01: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    families: Sequence[str] = FAMILIES,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{family: {strength: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
+    images [B,3,R,R] -> [B,F].
+
+    Each image is embedded as is and after `augment.transform_family(family, strength)` (the
+    same seeded transformations for every encoder); the scores are `probes.invariance_scores`:
+    cosine, cosine_centered and retrieval_top1 among the N originals.
+    """
+    from lsdr_repr.augment import transform_family
+
+    size = images01.shape[-1]
+
+    def embed(x01: torch.Tensor) -> torch.Tensor:
+        return torch.cat([encoder(normalize_images(x01[i:i + batch_size], size, mean, std))
+                          .float() for i in range(0, len(x01), batch_size)])
+
+    z = embed(images01)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for family in families:
+        table[family] = {}
+        for strength in strengths:
+            # One seed per cell: the same transformations whatever encoder is measured.
+            gen = torch.Generator(device=images01.device).manual_seed(seed)
+            transformed = torch.cat([
+                transform_family(images01[i:i + batch_size], family, float(strength), gen)
+                for i in range(0, len(images01), batch_size)
+            ])
+            table[family][f"{strength:g}"] = probes.invariance_scores(z, embed(transformed))
+    return table
+
+
+def load_images01(data: str | Path, image_size: int, max_images: int,
+                  batch_size: int = 128, num_workers: int = 2) -> torch.Tensor:
+    """The first `max_images` images of `data` as float [N,3,S,S] in [0,1]."""
+    chunks, seen = [], 0
+    for images, _, _ in iter_images(data, image_size, batch_size, num_workers):
+        chunks.append(images[:max_images - seen])
+        seen += len(chunks[-1])
+        if seen >= max_images:
+            break
+    if not chunks:
+        raise DataError(f"{data}: no images were read")
+    return torch.cat(chunks).float().div(255.0)
+
+
+def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIES,
+                    strengths: Sequence[float] = DEFAULT_STRENGTHS, max_images: int = 512,
+                    seed: int = 0, backbone: nn.Module | None = None) -> dict[str, Any]:
+    from lsdr_repr.augment import FAMILIES as KNOWN
+
+    t = ev.trained
+    unknown = [f for f in families if f not in KNOWN]
+    if unknown:
+        raise ConfigError(f"invariance: unknown family {unknown[0]!r} (known: {', '.join(KNOWN)})")
+    images = load_images01(data, t.image_size, max_images, ev.batch_size, ev.num_workers)
+    model = backbone if backbone is not None else t.backbone
+    was_training = model.training
+    model.eval()
+    try:
+        table = invariance_table(model, images.to(ev.device), t.mean, t.std, families, strengths,
+                                 seed, ev.batch_size)
+    finally:
+        model.train(was_training)
+    metrics = {f"{fam}@{s}/{m}": v for fam, row in table.items() for s, cell in row.items()
+               for m, v in cell.items()}
+    return {"metrics": metrics, "table": table,
+            "details": {"data": str(data), "num_images": len(images), "seed": seed}}
+
+
+def finetune_eval(
+    ev: _Evaluator,
+    train: str,
+    val: str,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    optim_name: str = "adamw",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train the backbone with a new linear head end to end (optimiser and schedule factories of
+    pretraining, lsdr_repr.optim) for `epochs` over `train`; top-1/top-5 on `val`."""
+    import kornia.augmentation as K
+
+    from lsdr_repr.config import OptimConfig
+    from lsdr_repr.optim import build_optimizer, build_scheduler
+
+    t = ev.trained
+    torch.manual_seed(seed)
+    num_train, num_classes = _count_labelled(train, t.image_size, ev)
+    model = copy.deepcopy(t.backbone)
+    model.reset_classifier(num_classes)
+    model.to(ev.device).train().requires_grad_(True)
+    steps_per_epoch = max(1, math.ceil(num_train / ev.batch_size))
+    total = epochs * steps_per_epoch
+    optim_cfg = OptimConfig(name=optim_name, lr=lr, lr_scaling="linear", base_batch_size=256,
+                            weight_decay=weight_decay, warmup_steps=max(1, total // 10),
+                            min_lr_ratio=0.01)
+    optimizer = build_optimizer(model, optim_cfg, ev.batch_size)
+    scheduler = build_scheduler(optimizer, optim_cfg, total)
+    # Mild augmentation (scale and flip): fine-tuning for a few epochs, not pretraining.
+    augment = nn.Sequential(
+        K.RandomResizedCrop((t.image_size, t.image_size), scale=(0.35, 1.0)),
+        K.RandomHorizontalFlip(),
+    ).to(ev.device)
+    losses = []
+    batches = _train_batches(train, t.image_size, ev.batch_size, ev.num_workers, seed)
+    for step in range(total):
+        images, labels = next(batches)
+        x = augment(images.to(ev.device).float().div(255.0))
+        x = normalize_images(x, t.image_size, t.mean, t.std)
+        loss = F.cross_entropy(model(x), labels.to(ev.device), label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(step + 1)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise DataError(f"fine-tuning diverged at step {step} (loss {losses[-1]}): lower --lr")
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for images, y, _ in iter_images(val, t.image_size, ev.batch_size, ev.num_workers):
+            scores.append(model(normalize_images(images.to(ev.device), t.image_size, t.mean,
+                                                 t.std)).float().cpu())
+            labels.append(y)
+    y = torch.cat(labels)
+    if (y < 0).any():
+        raise DataError(f"{val}: {int((y < 0).sum())} samples have no label (cls)")
+    acc = probes.topk_accuracy(torch.cat(scores), y)
+    return {"metrics": {**acc, "final_loss": sum(losses[-10:]) / len(losses[-10:])},
+            "details": {"train": str(train), "val": str(val), "epochs": epochs, "steps": total,
+                        "lr": lr, "optimizer": optim_name, "weight_decay": weight_decay,
+                        "num_classes": num_classes}}
+
+
+def _count_labelled(data: str, image_size: int, ev: _Evaluator) -> tuple[int, int]:
+    """(number of samples, number of classes) of a labelled set."""
+    if is_image_folder(data):
+        from torchvision.datasets import ImageFolder
+
+        ds = ImageFolder(str(data))
+        return len(ds), len(ds.classes)
+    from data_pipelines.reader import read_manifest
+
+    manifest = read_manifest(str(data))
+    if manifest.num_classes:
+        return manifest.num_samples, manifest.num_classes
+    # Integer labels without names: the classes are what the data holds.
+    feats_y = torch.cat([y for _, y, _ in iter_images(data, 8, 512, ev.num_workers)])
+    if (feats_y < 0).any():
+        raise DataError(f"{data}: {int((feats_y < 0).sum())} samples have no label (cls)")
+    return manifest.num_samples, int(feats_y.max()) + 1
+
+
+def _train_batches(data: str, image_size: int, batch_size: int, num_workers: int,
+                   seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled (uint8 images, labels) of a labelled set."""
+    if is_image_folder(data):
+        from torchvision.datasets import ImageFolder
+
+        ds = ImageFolder(str(data), transform=_image_folder_transform(image_size))
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                                 generator=gen, num_workers=num_workers,
+                                                 drop_last=len(ds) > batch_size)
+            for images, labels in loader:
+                yield images, labels.long()
+    from data_pipelines.reader import make_train_loader
+    from lsdr_repr.config import DataConfig
+
+    data_cfg = DataConfig(train_shards=str(data), image_size=image_size, batch_size=batch_size,
+                          num_workers=num_workers, prefetch_factor=2, resampled=True,
+                          pin_memory=torch.cuda.is_available())
+    for batch in make_train_loader(data_cfg, seed=seed, rank=0, world_size=1):
+        if (batch.labels < 0).any():
+            raise DataError(f"{data}: samples without a label (cls) cannot be fine-tuned on")
+        yield batch.images, batch.labels
+
+
+# ------------------------------------------------------------------------- library for others
+def online_knn(
+    backbone: nn.Module,
+    data: str | Path,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    device: str | torch.device = "auto",
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """Leave-one-out kNN top-1/top-5 on one labelled set (the trainer's periodic check).
+
+    Each image is classified by its k nearest *other* images of the same set, so one labelled
+    split (data.val_shards) is enough. Run it on rank 0; the backbone's mode is restored.
+    """
+    feats = extract_features(backbone, data, image_size, mean, std, device=device,
+                             batch_size=batch_size, num_workers=num_workers,
+                             max_samples=max_samples).labelled(str(data))
+    dev = resolve_device(device)
+    return probes.knn_accuracy(feats.x.to(dev), feats.y.to(dev), feats.x.to(dev), feats.y.to(dev),
+                               k=k, temperature=temperature, exclude_self=True)
+
+
+def demo_report(
+    run_dir: str | Path,
+    train_shards: str,
+    eval_shards: str,
+    *,
+    device: str = "auto",
+    max_invariance_images: int = 256,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+) -> dict[str, Any]:
+    """Linear probe of the trained backbone vs the same architecture at random init, and the
+    invariance table of both, on the held-out `eval_shards` (written to RUN_DIR/eval/demo.json)."""
+    trained = load_trained_backbone(run_dir)
+    results = _results_dir(trained, None)
+    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2)
+    baseline = random_backbone(trained, seed=0).to(ev.device)
+    random_key = f"random-init:{trained.arch}:seed0:{trained.cache_key()}"
+    report: dict[str, Any] = {"arch": trained.arch, "step": trained.step,
+                              "checkpoint": str(trained.checkpoint), "linear": {},
+                              "invariance": {}}
+    for name, model, key in (("trained", trained.backbone, None),
+                             ("random_init", baseline, random_key)):
+        tr = ev.features(train_shards, model, key).labelled(train_shards)
+        te = ev.features(eval_shards, model, key).labelled(eval_shards)
+        res = probes.linear_probe(tr.x, tr.y, te.x, te.y)
+        report["linear"][name] = res.metrics()
+        report["invariance"][name] = invariance_eval(
+            ev, eval_shards, strengths=strengths, max_images=max_invariance_images,
+            backbone=model)["table"]
+    _write_result(results, "demo", {"metrics": {
+        "linear_top1_trained": report["linear"]["trained"]["top1"],
+        "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The demo report as text tables."""
+    lines = [(f"{report['arch']} after {report['step']} steps"
+             f" ({Path(str(report['checkpoint'])).name})"), ""]
+    rows = [[name, f"{m['top1']:.3f}", f"{m['top5']:.3f}", f"{m['weight_decay']:g}"]
+            for name, m in report["linear"].items()]
+    lines += ["linear probe on the held-out split",
+              format_table(["backbone", "top1", "top5", "weight decay"], rows), ""]
+    for name, table in report["invariance"].items():
+        lines += [f"invariance ({name}): {INVARIANCE_LEGEND}",
+                  format_invariance(table), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------ output
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*map(str, row)) for row in rows]
+    return "\n".join(out)
+
+
+def format_invariance(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Rows: family; columns: strength, cells "cosine / retrieval"."""
+    strengths = list(next(iter(table.values())).keys()) if table else []
+    rows = [[fam] + [f"{row[s]['cosine']:.3f} / {row[s]['cosine_centered']:.3f} / "
+                     f"{row[s]['retrieval_top1']:.2f}" for s in strengths]
+            for fam, row in table.items()]
+    return format_table(["family"] + [f"strength {s}" for s in strengths], rows)
+
+
+def format_metrics(name: str, metrics: dict[str, Any]) -> str:
+    rows = [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in metrics.items()]
+    return format_table([name, "value"], rows)
+
+
+def _results_dir(trained: TrainedBackbone, out: str | Path | None) -> Path | None:
+    if out is not None:
+        return Path(out)
+    if trained.run_dir is not None:
+        return trained.run_dir / "eval"
+    return None
+
+
+def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
+                  trained: TrainedBackbone) -> Path | None:
+    """RESULTS/<name>.json (atomic) and the metrics to the run's W&B run."""
+    payload = {"name": name, "arch": trained.arch, "step": trained.step,
+               "checkpoint": str(trained.checkpoint or trained.weights_file),
+               **payload}
+    path = None
+    if results_dir is not None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        path = results_dir / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    _log_to_wandb(trained, name, payload)
+    return path
+
+
+def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any]) -> None:
+    """Metrics (and the spectrum) into the run's own W&B run, resumed by its stored id."""
+    from lsdr_repr.tracking import read_run_id
+
+    run_id = trained.wandb_run_id
+    if run_id is None and trained.run_dir is not None:
+        run_id = read_run_id(trained.run_dir)
+    if trained.config is None or trained.run_dir is None or not run_id:
+        log.info("eval %s: no W&B run recorded for this source: not logging to W&B", name)
+        return
+    from lsdr_repr.config import config_to_dict
+    from lsdr_repr.tracking import make_tracker
+
+    step = trained.step or 0
+    metrics = {f"eval/{name}/{k}": v for k, v in payload.get("metrics", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker = make_tracker(trained.config.log, config_to_dict(trained.config), trained.run_dir,
+                           0, run_id=run_id)
+    try:
+        tracker.log(metrics, step)
+        eig = payload.get("details", {}).get("eigenvalues")
+        if eig:
+            tracker.log_spectrum(torch.tensor(eig), step, key=f"eval/{name}/spectrum")
+    finally:
+        tracker.finish()
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_cli_commands(sub, add) -> None:
+    p = add(sub, "eval", "Evaluate a backbone: knn, linear, finetune, invariance, rank.",
+            "lsdr eval linear runs/demo --train data/sample/train --val data/sample/val")
+    esub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("source", help="run directory, checkpoint file or timm export folder")
+        q.add_argument("--out", default=None, help="results folder (default RUN_DIR/eval)")
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--batch-size", type=int, default=128)
+        q.add_argument("--workers", type=int, default=2, help="reader worker processes")
+
+    def labelled(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--train", default=None, help="labelled shards or ImageFolder "
+                       "(default: the run's data.train_shards)")
+        q.add_argument("--val", default=None, help="labelled shards or ImageFolder "
+                       "(default: the run's data.val_shards)")
+
+    q = add(esub, "knn", "Weighted kNN (cosine, temperature voting) on frozen features.",
+            "lsdr eval knn runs/demo --train data/sample/train --val data/sample/val --k 20")
+    common(q)
+    labelled(q)
+    q.add_argument("--k", type=int, default=20)
+    q.add_argument("--temperature", type=float, default=0.07)
+    q.set_defaults(handler=_cmd_knn)
+
+    q = add(esub, "linear", "Linear probe (L-BFGS logistic regression, weight decay chosen on a "
+            "held-out part of train).", "lsdr eval linear runs/demo --val data/sample/test")
+    common(q)
+    labelled(q)
+    q.add_argument("--weight-decays", type=_floats, default=probes.DEFAULT_WEIGHT_DECAYS,
+                   help="comma-separated grid")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(handler=_cmd_linear)
+
+    q = add(esub, "finetune", "Fine-tune end to end with a new head for a few epochs.",
+            "lsdr eval finetune runs/demo --epochs 3 --lr 1e-3")
+    common(q)
+    labelled(q)
+    q.add_argument("--epochs", type=int, default=3)
+    q.add_argument("--lr", type=float, default=1e-3, help="at batch 256, scaled linearly")
+    q.add_argument("--weight-decay", type=float, default=0.05)
+    q.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"))
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(handler=_cmd_finetune)
+
+    q = add(esub, "invariance", "Embedding cosine and retrieval under lighting, rotation, scale.",
+            "lsdr eval invariance runs/demo --data data/sample/test --strengths 0.25,0.5,1")
+    common(q)
+    q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
+    q.add_argument("--families", type=lambda s: tuple(s.split(",")), default=FAMILIES,
+                   help=f"comma-separated (default {','.join(FAMILIES)}; also: scale)")
+    q.add_argument("--strengths", type=_floats, default=DEFAULT_STRENGTHS,
+                   help="comma-separated in [0, 1] (1: the largest change, e.g. 180 degrees)")
+    q.add_argument("--max-images", type=int, default=512, help="first N images of --data")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(handler=_cmd_invariance)
+
+    q = add(esub, "rank", "Effective rank (RankMe) and eigenvalue spectrum of the embeddings.",
+            "lsdr eval rank runs/demo --data data/sample/val")
+    common(q)
+    q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
+    q.add_argument("--max-samples", type=int, default=None)
+    q.set_defaults(handler=_cmd_rank)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _setup(args: argparse.Namespace) -> _Evaluator:
+    trained = load_trained_backbone(args.source)
+    results = _results_dir(trained, args.out)
+    if results is None:
+        raise ConfigError(f"{args.source}: not a run; give a results folder with --out")
+    return _Evaluator(trained, results, args.device, args.batch_size, args.workers)
+
+
+def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
+    if given:
+        return given
+    cfg = ev.trained.config
+    value = getattr(cfg.data, field, None) if cfg is not None else None
+    if not value:
+        flag = {"train_shards": "--train", "val_shards": "--val/--data"}[field]
+        raise ConfigError(f"{flag} is required (the source has no data.{field})")
+    return value
+
+
+def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int:
+    path = _write_result(ev.results_dir, name, result, ev.trained)
+    print(text)
+    if path is not None:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_knn(args: argparse.Namespace) -> int:
+    ev = _setup(args)
+    res = knn_eval(ev, _default_data(ev, args.train, "train_shards"),
+                   _default_data(ev, args.val, "val_shards"), args.k, args.temperature)
+    return _finish(ev, "knn", res, format_metrics("knn", res["metrics"]))
+
+
+def _cmd_linear(args: argparse.Namespace) -> int:
+    ev = _setup(args)
+    res = linear_eval(ev, _default_data(ev, args.train, "train_shards"),
+                      _default_data(ev, args.val, "val_shards"), args.weight_decays, args.seed)
+    return _finish(ev, "linear", res, format_metrics("linear probe", res["metrics"]))
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    ev = _setup(args)
+    res = finetune_eval(ev, _default_data(ev, args.train, "train_shards"),
+                        _default_data(ev, args.val, "val_shards"), args.epochs, args.lr,
+                        args.weight_decay, args.optimizer, args.seed)
+    return _finish(ev, "finetune", res, format_metrics("fine-tuning", res["metrics"]))
+
+
+def _cmd_invariance(args: argparse.Namespace) -> int:
+    ev = _setup(args)
+    res = invariance_eval(ev, _default_data(ev, args.data, "val_shards"), args.families,
+                          args.strengths, args.max_images, args.seed)
+    text = f"{INVARIANCE_LEGEND}\n{format_invariance(res['table'])}"
+    return _finish(ev, "invariance", res, text)
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    ev = _setup(args)
+    res = rank_eval(ev, _default_data(ev, args.data, "val_shards"), args.max_samples)
+    text = format_metrics("rank", res["metrics"])
+    if res["details"]["plot"]:
+        text += f"\nspectrum plot: {res['details']['plot']}"
+    return _finish(ev, "rank", res, text)

@@ -1,0 +1,622 @@
+"""Export a trained backbone (no projector, no optimiser state) in a form other tools load.
+
+    lsdr export runs/demo runs/demo/export                 # timm: model.safetensors + config.json
+    lsdr export runs/demo/checkpoints/step-00001000.pt out --format onnx
+
+Formats (every one is checked numerically against the in-memory backbone before it is reported):
+
+- `timm`: `OUT/model.safetensors` (timm's own state-dict keys: the checkpoint's "backbone.*" keys
+  with the prefix stripped), `OUT/config.json` in timm's Hugging Face hub layout (written by
+  timm's `save_config_for_hf`: architecture, num_classes 0, num_features, model_args, and a
+  pretrained_cfg holding the input size, mean/std and interpolation used in training) and
+  `OUT/README.md`. Two ways to load it:
+
+      timm.create_model("local-dir:OUT", pretrained=True, num_classes=K)
+      timm.create_model(ARCH, pretrained=True, num_classes=K, **MODEL_ARGS,
+                        pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=0))
+
+  `num_classes=0` in the overlay says the file has no classifier: timm's `load_pretrained` then
+  drops the head for any K > 0 (a new, randomly initialised head) and loads strictly for K = 0.
+  Without it the architecture's default cfg (num_classes 1000) makes K = 1000 fail on the missing
+  head. MODEL_ARGS are the construction arguments (e.g. `img_size=32` for a ViT trained at
+  32 px), stored in config.json["model_args"]; `local-dir:` applies them itself. Adding the
+  preprocessing (input_size, mean, std, interpolation, crop_pct) to the overlay makes
+  `timm.data.resolve_data_config(model=model)` right too: `timm_overlay_kwargs` builds the full
+  set and README.md spells it out for the export at hand.
+- `hf`: the same files (this *is* the layout of timm models on the Hugging Face hub), with the
+  model card's YAML front matter (library_name: timm, tags, pipeline_tag) that the hub reads;
+  `huggingface_hub.upload_folder(repo_id=..., folder_path=OUT)` publishes it as is.
+- `onnx`: `OUT/model.onnx` (input "images" [B,3,R,R] normalised, output "embedding" [B,F], dynamic
+  batch axis), checked with onnxruntime. The dynamo exporter is tried first, then the TorchScript
+  one.
+- `torchscript`: `OUT/model.pt` (`torch.jit.trace`), checked after `torch.jit.load`.
+Both of the last two also get config.json (the preprocessing) and README.md.
+
+The export is written into a hidden sibling folder and renamed to OUT only after it checked out,
+so a failed export never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("timm", "hf", "onnx", "torchscript")
+WEIGHTS_NAME = "model.safetensors"
+MAX_CARD_METRICS = 8  # per eval result file in README.md
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+BACKBONE_PREFIX = "backbone."
+# Outputs are compared with |a - b| <= ATOL + RTOL * |b|; float32 re-implementations (ONNX
+# kernels, fused TorchScript ops) differ from eager PyTorch by ~1e-6 relative on these models.
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+@dataclass
+class TrainedBackbone:
+    """A backbone rebuilt from a checkpoint (or an export) with what is known about its run."""
+
+    backbone: nn.Module  # timm model, num_classes=0, eval mode, float32, CPU
+    arch: str
+    image_size: int  # the train crop size R: the input side the backbone was trained at
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    config: Any = None  # lsdr_repr.config.Config when the source is a checkpoint
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
+    step: int | None = None
+    samples_seen: int | None = None
+    wandb_run_id: str | None = None
+    weights_file: Path | None = None  # model.safetensors when the source is an export folder
+
+    @property
+    def num_features(self) -> int:
+        return int(self.backbone.num_features)
+
+    def cache_key(self) -> str:
+        """Identifies these weights for the feature cache (path, size and mtime of the file)."""
+        src = self.checkpoint or self.weights_file
+        if src is None:
+            return f"{self.arch}:unsaved:{id(self.backbone)}"
+        stat = Path(src).stat()
+        return f"{Path(src).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    format: str
+    files: list[str]
+    max_abs_diff: dict[str, float]  # per check (e.g. "timm overlay", "local-dir", "onnxruntime")
+
+
+# ------------------------------------------------------------------------------------ loading
+def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm keys of the backbone: the "backbone.*" entries of an SSLModel state dict, unprefixed."""
+    out = {
+        k[len(BACKBONE_PREFIX):]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)
+    }
+    if not out:
+        raise CheckpointError("checkpoint 'model' has no 'backbone.*' keys (not an SSLModel state)")
+    return out
+
+
+def read_checkpoint(source: str | Path) -> tuple[Path, Path | None, dict]:
+    """(checkpoint file, run dir or None, state) for a run directory or a checkpoint file.
+
+    A run directory gives its newest checkpoint that verifies and loads (lsdr_repr.checkpoint).
+    """
+    from lsdr_repr.checkpoint import MODEL_KEYS, load_checkpoint, load_latest
+
+    path = Path(source)
+    if path.is_dir():
+        found = load_latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no valid checkpoint in {path / 'checkpoints'}")
+        return found[0], path, found[1]
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return path, run_dir, load_checkpoint(path, required=MODEL_KEYS)
+    raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+
+
+def is_export_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def load_trained_backbone(source: str | Path) -> TrainedBackbone:
+    """The backbone of a run directory (newest valid checkpoint), a checkpoint file or an export.
+
+    Checkpoints are read with `torch.load(weights_only=True)` (lsdr_repr.checkpoint), exports with
+    safetensors: no arbitrary object is ever unpickled.
+    """
+    if Path(source).is_dir() and is_export_dir(source):
+        return _load_export_dir(Path(source))
+
+    from lsdr_repr.config import config_from_dict
+    from lsdr_repr.models import build_model
+
+    ckpt_path, run_dir, ckpt = read_checkpoint(source)
+    try:
+        cfg = config_from_dict(ckpt["config"], source=str(ckpt_path))
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt_path}: stored config is invalid: {exc}") from None
+    # Build the architecture exactly as the trainer did (same factory, same config), then load the
+    # backbone strictly: a missing or extra key means the checkpoint is not for this model.
+    model = build_model(cfg.model)
+    backbone = model.backbone
+    state = backbone_state_dict(ckpt["model"])
+    mismatch = _state_mismatch(backbone.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{ckpt_path}: backbone weights do not fit {cfg.model.arch}: "
+                              f"{mismatch}")
+    backbone.load_state_dict(state, strict=True)
+    _prepare_for_inference(backbone)
+    return TrainedBackbone(
+        backbone=backbone,
+        arch=cfg.model.arch,
+        image_size=int(cfg.augment.crop_size),
+        mean=tuple(float(v) for v in cfg.augment.mean),
+        std=tuple(float(v) for v in cfg.augment.std),
+        interpolation=_reader_interpolation(),
+        config=cfg,
+        checkpoint=ckpt_path,
+        run_dir=run_dir,
+        step=_int_or_none(ckpt.get("step")),
+        samples_seen=_int_or_none(ckpt.get("samples_seen")),
+        wandb_run_id=ckpt.get("wandb_run_id") or None,
+    )
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """'' when `given` has exactly the keys and shapes of `expected`, else what differs."""
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {what} key(s) {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)
+
+
+def random_backbone(trained: TrainedBackbone, seed: int = 0) -> nn.Module:
+    """The same architecture at random initialisation (the baseline a probe should beat)."""
+    import timm
+
+    from lsdr_repr.models import build_model
+
+    # A seeded initialisation that leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if trained.config is not None:
+            backbone = build_model(trained.config.model).backbone
+        else:
+            # The construction arguments timm recorded for the loaded model (img_size, ...).
+            args = _model_args(trained.backbone)
+            args["num_classes"] = 0
+            backbone = timm.create_model(trained.arch, pretrained=False, **args)
+    _prepare_for_inference(backbone)
+    return backbone
+
+
+def _load_export_dir(path: Path) -> TrainedBackbone:
+    import timm
+
+    try:
+        backbone = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, num_classes=0)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable timm export: {first}") from None
+    _prepare_for_inference(backbone)
+    pcfg = backbone.pretrained_cfg
+    config = json.loads((path / "config.json").read_text())
+    meta = config.get("lsdr") or {}
+    return TrainedBackbone(
+        backbone=backbone,
+        arch=config["architecture"],
+        image_size=int(pcfg["input_size"][-1]),
+        mean=tuple(float(v) for v in pcfg["mean"]),
+        std=tuple(float(v) for v in pcfg["std"]),
+        interpolation=str(pcfg.get("interpolation", "bilinear")),
+        step=_int_or_none(meta.get("step")),
+        samples_seen=_int_or_none(meta.get("samples_seen")),
+        weights_file=path / WEIGHTS_NAME,
+    )
+
+
+def _prepare_for_inference(backbone: nn.Module) -> None:
+    backbone.float().eval()
+    backbone.to(memory_format=torch.contiguous_format)
+    if hasattr(backbone, "set_grad_checkpointing"):
+        # Checkpointing only matters for training; traced exports must not contain it.
+        backbone.set_grad_checkpointing(False)
+    backbone.requires_grad_(False)
+
+
+def _reader_interpolation() -> str:
+    """The resampling filter of the reader (recorded in the export's pretrained_cfg)."""
+    from data_pipelines.reader import INTERPOLATION
+
+    return INTERPOLATION
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# ------------------------------------------------------------------------------------- export
+def export_backbone(
+    source: str | Path | TrainedBackbone,
+    out_dir: str | Path | None = None,
+    fmt: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write the backbone of `source` to `out_dir` in format `fmt` and check it numerically.
+
+    `source`: run directory, checkpoint file, or an already loaded `TrainedBackbone`.
+    `out_dir` defaults to the run's `export.out_dir`, else RUN_DIR/export; `fmt` to the run's
+    `export.format`. Raises `CheckpointError` if the written file does not reproduce the
+    in-memory backbone (and removes what it wrote).
+    """
+    trained = source if isinstance(source, TrainedBackbone) else load_trained_backbone(source)
+    cfg = trained.config
+    fmt = fmt or (cfg.export.format if cfg is not None else "timm")
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format '{fmt}' unknown (known: {', '.join(FORMATS)})")
+    if out_dir is None:
+        if cfg is not None and cfg.export.out_dir:
+            out_dir = cfg.export.out_dir
+        elif trained.run_dir is not None:
+            out_dir = trained.run_dir / "export"
+        else:
+            raise ConfigError("export: no output folder given and the source has no run directory")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: export target exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out}: export target is not empty (use --overwrite to replace it)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden sibling (same file system, so the final rename is atomic); mkdir honours the umask,
+    # unlike tempfile.mkdtemp's private 0700.
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        diffs = _write_and_check(trained, tmp, fmt, out)
+        files = sorted(p.name for p in tmp.iterdir())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s) to %s: %s", trained.arch, fmt, out, ", ".join(files))
+    return ExportResult(out_dir=out, format=fmt, files=files, max_abs_diff=diffs)
+
+
+def _write_and_check(
+    trained: TrainedBackbone, out: Path, fmt: str, final_dir: Path
+) -> dict[str, float]:
+    backbone = trained.backbone
+    gen = torch.Generator().manual_seed(0)
+    size = trained.image_size
+    # Export at batch 2, check at batch 3: the check also proves the batch axis is dynamic.
+    example = torch.randn(2, 3, size, size, generator=gen)
+    probe = torch.randn(3, 3, size, size, generator=gen)
+    with torch.no_grad():
+        reference = backbone(probe)
+
+    config = write_timm_config(trained, out / "config.json")
+    diffs: dict[str, float] = {}
+    if fmt in ("timm", "hf"):
+        write_safetensors(backbone, out / WEIGHTS_NAME)
+        for name, model in _reload_timm(trained, out):
+            with torch.no_grad():
+                diffs[name] = _check_close(name, model(probe), reference)
+    elif fmt == "onnx":
+        _export_onnx(backbone, example, out / "model.onnx")
+        diffs["onnxruntime"] = _check_close("onnxruntime", _run_onnx(out / "model.onnx", probe),
+                                            reference)
+    elif fmt == "torchscript":
+        _export_torchscript(trained, example, out / "model.pt")
+        with _quiet():
+            loaded = torch.jit.load(str(out / "model.pt"), map_location="cpu")
+        with torch.no_grad():
+            diffs["torchscript"] = _check_close("torchscript", loaded(probe), reference)
+    (out / "README.md").write_text(model_card(trained, fmt, final_dir, config))
+    return diffs
+
+
+def write_safetensors(backbone: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Contiguous copies: safetensors stores dense row-major data (channels_last weights are not),
+    # and tied/shared tensors must be separate entries.
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def write_timm_config(trained: TrainedBackbone, path: Path) -> dict:
+    """config.json in timm's hub layout, via timm's own writer, plus an "lsdr" provenance block."""
+    from timm.models._hub import save_config_for_hf
+
+    size = trained.image_size
+    data_config = {
+        "input_size": (3, size, size),
+        "mean": tuple(trained.mean),
+        "std": tuple(trained.std),
+        "interpolation": trained.interpolation,
+        "crop_pct": 1.0,  # the eval view: shorter side resized to R, centre crop R
+        "crop_mode": "center",
+    }
+    save_config_for_hf(trained.backbone, str(path), data_config=data_config)
+    config = json.loads(path.read_text())
+    pcfg = config["pretrained_cfg"]
+    # The architecture's default cfg describes timm's ImageNet weights (their tag, licence and
+    # source): none of that is true of these weights.
+    for key in ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id",
+                "url", "test_input_size", "test_crop_pct"):
+        pcfg.pop(key, None)
+    pcfg["tag"] = "lsdr"
+    config["lsdr"] = {
+        "step": trained.step,
+        "samples_seen": trained.samples_seen,
+        "checkpoint": trained.checkpoint.name if trained.checkpoint else None,
+        "objective": trained.config.objective.name if trained.config is not None else None,
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def timm_overlay_kwargs(config: dict, weights_file: str) -> dict[str, Any]:
+    """`timm.create_model(ARCH, pretrained=True, num_classes=K, **these)` loads the export
+    without `local-dir:`: its model_args (e.g. a ViT's img_size) and a `pretrained_cfg_overlay`
+    with the weights file, num_classes=0 (the file has no head) and the preprocessing."""
+    pcfg = config["pretrained_cfg"]
+    overlay = {"file": weights_file, "num_classes": 0,
+               **{k: pcfg[k] for k in PREPROCESSING_KEYS if k in pcfg}}
+    args = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+    return {**args, "pretrained_cfg_overlay": overlay}
+
+
+def _reload_timm(trained: TrainedBackbone, out: Path) -> Iterator[tuple[str, nn.Module]]:
+    import timm
+
+    config = json.loads((out / "config.json").read_text())
+    kwargs = timm_overlay_kwargs(config, str(out / WEIGHTS_NAME))
+    try:
+        with _quiet():
+            yield "timm overlay", timm.create_model(
+                trained.arch, pretrained=True, num_classes=0, **kwargs
+            ).eval()
+            yield "timm local-dir", timm.create_model(
+                f"local-dir:{out.resolve()}", pretrained=True, num_classes=0
+            ).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"export check failed: timm cannot load {out}: {first}") from None
+
+
+def _export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path) -> None:
+    n_bytes = sum(p.numel() * p.element_size() for p in backbone.state_dict().values())
+    errors = []
+    for dynamo in (True, False):
+        try:
+            with _quiet():
+                if dynamo:
+                    batch = torch.export.Dim("batch", min=1)
+                    torch.onnx.export(
+                        backbone, (example,), str(path), dynamo=True, input_names=["images"],
+                        output_names=["embedding"], dynamic_shapes=({0: batch},),
+                        external_data=n_bytes > 1_800_000_000,  # protobuf's 2 GiB limit
+                    )
+                else:
+                    torch.onnx.export(
+                        backbone, (example,), str(path), dynamo=False, input_names=["images"],
+                        output_names=["embedding"],
+                        dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                    )
+            log.info("ONNX graph from the %s exporter", "dynamo" if dynamo else "TorchScript")
+            return
+        except Exception as exc:  # noqa: BLE001 - exporters raise many types; the message matters
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {first[:200]}")
+            log.info("ONNX %s", errors[-1])
+            for stale in path.parent.glob(path.name + "*"):
+                stale.unlink()
+    raise CheckpointError(f"ONNX export not possible for this architecture ({'; '.join(errors)})")
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("ONNX export needs onnxruntime to check it: pip install "
+                          "'lsdr-repr[onnx]'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, min(4, torch.get_num_threads()))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _export_torchscript(trained: TrainedBackbone, example: torch.Tensor, path: Path) -> None:
+    try:
+        with _quiet(), torch.no_grad():
+            traced = torch.jit.trace(trained.backbone, example, check_trace=False)
+            torch.jit.save(traced, str(path))
+    except Exception as exc:  # noqa: BLE001 - tracing fails with many error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"TorchScript export not possible for {trained.arch}: {first}")
+
+
+def _check_close(name: str, out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().float().cpu()
+    if out.shape != ref.shape:
+        raise CheckpointError(f"export check failed ({name}): output shape {tuple(out.shape)} "
+                              f"!= backbone's {tuple(ref.shape)}")
+    diff = (out - ref).abs()
+    max_diff = float(diff.max()) if diff.numel() else 0.0
+    if not bool((diff <= ATOL + RTOL * ref.abs()).all()):
+        raise CheckpointError(f"export check failed ({name}): outputs differ from the trained "
+                              f"backbone by up to {max_diff:.3g}")
+    log.info("export check %s: max |diff| %.3g", name, max_diff)
+    return max_diff
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # The exporters and timm's loader warn at length about things that are expected here
+    # (deprecated TorchScript exporter, tracer warnings, adapted heads).
+    timm_log = logging.getLogger("timm")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        timm_log.setLevel(level)
+
+
+# --------------------------------------------------------------------------------- model card
+def model_card(trained: TrainedBackbone, fmt: str, out_dir: str | Path = "OUT",
+               config: dict | None = None) -> str:
+    """README.md for the export: what was trained on what, how to load it, eval results.
+
+    `config`: the export's config.json (for the timm/hf loading lines)."""
+    cfg = trained.config
+    size = trained.image_size
+    lines: list[str] = []
+    if fmt == "hf":
+        lines += ["---", "library_name: timm", "pipeline_tag: image-feature-extraction",
+                  "license: apache-2.0", "tags:", "- timm", "- image-feature-extraction",
+                  "- self-supervised", "- lsdr", "---", ""]
+    lines += [f"# {trained.arch} pretrained with lsdr-repr", ""]
+    lines += [("Self-supervised backbone (no classifier head, no projector): `num_classes=0`, "
+              f"{trained.num_features}-d embeddings from {size}x{size} images normalised with "
+              f"mean {list(trained.mean)} and std {list(trained.std)}."), ""]
+    lines += ["## Training", ""]
+    if cfg is not None:
+        obj = cfg.objective
+        weights = (f"invariance {obj.invariance_weight}, variance {obj.variance_weight}, "
+                   f"decorrelation {obj.decorrelation_weight}")
+        lines += [
+            f"- data: `{cfg.data.train_shards}`{_num_samples(cfg.data.train_shards)}",
+            (f"- steps: {trained.step} ({trained.samples_seen} samples seen), global batch "
+            f"{cfg.data.batch_size}"),
+            f"- objective: {obj.name} ({weights})",
+            (f"- augmentation: preset {cfg.augment.preset or 'none'}, {cfg.augment.num_views} "
+            f"views at {cfg.augment.crop_size}px"),
+            (f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr} (at batch "
+            f"{cfg.optim.base_batch_size}), weight decay {cfg.optim.weight_decay}"),
+            f"- checkpoint: `{trained.checkpoint.name if trained.checkpoint else '?'}`",
+        ]
+    else:
+        lines += [f"- steps: {trained.step}"]
+    lines += ["", "## Evaluation", ""]
+    lines += _metric_lines(trained.run_dir)
+    lines += ["", "## Usage", ""]
+    if fmt in ("timm", "hf") and config is not None:
+        kwargs = timm_overlay_kwargs(config, f"{out_dir}/{WEIGHTS_NAME}")
+        overlay = kwargs.pop("pretrained_cfg_overlay")
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        overlay_text = ",\n".join(f"        {k}={v!r}" for k, v in overlay.items())
+        lines += [
+            "```python",
+            "import timm",
+            f'model = timm.create_model("local-dir:{out_dir}", pretrained=True, num_classes=0)',
+            "# or by architecture name (K: classes of a new, randomly initialised head; 0: none):",
+            f'model = timm.create_model("{trained.arch}", pretrained=True, num_classes=K{args},',
+            f"    pretrained_cfg_overlay=dict(\n{overlay_text}))",
+            "data_cfg = timm.data.resolve_data_config(model=model)  # size, mean/std, interpolation",
+            "```",
+        ]
+    elif fmt == "onnx":
+        lines += [("`model.onnx`: input `images` float32 [B,3,"
+                  f"{size},{size}] (normalised), output `embedding` [B,{trained.num_features}]."),
+                  "", "```python", "import onnxruntime as ort",
+                  'session = ort.InferenceSession("model.onnx")',
+                  'emb = session.run(None, {"images": x})[0]', "```"]
+    else:
+        lines += ["```python", "import torch", 'model = torch.jit.load("model.pt")',
+                  f"emb = model(x)  # x: [B,3,{size},{size}] normalised", "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _model_args(backbone: nn.Module) -> dict:
+    from timm.models._input import get_model_args
+
+    return dict(get_model_args(backbone, {}))
+
+
+def _num_samples(shards: str) -> str:
+    try:
+        from data_pipelines.reader import read_manifest
+
+        return f" ({read_manifest(shards).num_samples} images)"
+    except (ImportError, LsdrError, OSError):
+        return ""
+
+
+def _metric_lines(run_dir: Path | None) -> list[str]:
+    if run_dir is None or not (run_dir / "eval").is_dir():
+        return ["No evaluation results were found in the run directory."]
+    lines = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        flat = sorted((k, v) for k, v in result.get("metrics", {}).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if flat:
+            # The invariance table alone has dozens of cells: the card shows the first few.
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in flat[:MAX_CARD_METRICS])
+            more = (f" (+{len(flat) - MAX_CARD_METRICS} more in eval/{path.name})"
+                    if len(flat) > MAX_CARD_METRICS else "")
+            lines.append(f"- {path.stem}: {shown}{more}")
+    return lines or ["No evaluation results were found in the run directory."]
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_cli_commands(sub, add) -> None:
+    p = add(sub, "export", "Export a trained backbone (timm/hf safetensors, ONNX or TorchScript).",
+            "lsdr export runs/demo runs/demo/export --format timm")
+    p.add_argument("source", help="run directory (newest valid checkpoint) or checkpoint file")
+    p.add_argument("out", nargs="?", default=None,
+                   help="output folder (default: export.out_dir of the run, else RUN_DIR/export)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="default: export.format of the run's config (timm)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    result = export_backbone(args.source, args.out, args.format, overwrite=args.overwrite)
+    checks = ", ".join(f"{k} {v:.2g}" for k, v in result.max_abs_diff.items())
+    print(f"wrote {result.format} export to {result.out_dir}: {', '.join(result.files)}")
+    print(f"checked against the trained backbone (max |diff|): {checks}")
+    return 0

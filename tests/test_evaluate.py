@@ -1,0 +1,302 @@
+"""Evaluation: the probe maths on constructed features, then `lsdr eval ...` on real shards and a
+checkpoint of the real SSLModel (kNN, linear probe, fine-tuning, invariance, rank, W&B, cache)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsdr_repr import evaluate, probes
+from lsdr_repr.cli import main
+from lsdr_repr.errors import DataError
+from tests.test_export import make_run
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def separable_features(n: int, seed: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c sits around 4 * e_c (plus noise of std 0.5): separable by a linear map."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = torch.randn(n, dim, generator=gen) * 0.5
+    x[torch.arange(n), y] += 4.0
+    return x, y
+
+
+def test_linear_probe_separable_reaches_100_and_shuffled_labels_stay_at_chance():
+    train_x, train_y = separable_features(300, seed=0)
+    test_x, test_y = separable_features(200, seed=1)
+    res = probes.linear_probe(train_x, train_y, test_x, test_y)
+    assert res.top1 == 1.0 and res.top5 == 1.0
+    assert set(res.val_top1) == {f"{wd:g}" for wd in probes.DEFAULT_WEIGHT_DECAYS}
+
+    gen = torch.Generator().manual_seed(2)
+    shuffled = train_y[torch.randperm(len(train_y), generator=gen)]
+    res = probes.linear_probe(train_x, shuffled, test_x, test_y)
+    assert res.top1 < 0.35  # chance is 0.2 (five balanced classes, 200 test samples)
+    # Reproducible: the same inputs give the same probe.
+    again = probes.linear_probe(train_x, shuffled, test_x, test_y)
+    assert (again.top1, again.weight_decay) == (res.top1, res.weight_decay)
+
+
+def test_knn_separable_and_shuffled():
+    train_x, train_y = separable_features(300, seed=0)
+    test_x, test_y = separable_features(200, seed=1)
+    acc = probes.knn_accuracy(train_x, train_y, test_x, test_y, k=20)
+    assert acc["top1"] == 1.0
+    gen = torch.Generator().manual_seed(3)
+    shuffled = train_y[torch.randperm(len(train_y), generator=gen)]
+    assert probes.knn_accuracy(train_x, shuffled, test_x, test_y, k=20)["top1"] < 0.35
+    # Leave-one-out on one set: each point is classified by its neighbours, not by itself.
+    loo = probes.knn_accuracy(test_x, test_y, test_x, test_y, exclude_self=True)
+    assert loo["top1"] == 1.0
+    noise_y = torch.randint(0, NUM_CLASSES, (200,), generator=gen)
+    assert probes.knn_accuracy(test_x, noise_y, test_x, noise_y, exclude_self=True)["top1"] < 0.35
+    # Without exclusion the query finds itself at similarity 1 and weight exp(1/T): near 100%.
+    assert probes.knn_accuracy(test_x, noise_y, test_x, noise_y)["top1"] > 0.9
+
+
+def test_knn_votes_are_temperature_weighted():
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, 0.6]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    # Two neighbours of class 1 at cosine 0.8 outvote one of class 0 at cosine 1.0 when votes are
+    # nearly flat (large T), not when the temperature is small.
+    assert probes.knn_scores(bank, labels, query, 2, k=3, temperature=100.0).argmax() == 1
+    assert probes.knn_scores(bank, labels, query, 2, k=3, temperature=0.07).argmax() == 0
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
+    labels = torch.tensor([2, 0])
+    assert probes.topk_accuracy(scores, labels, ks=(1, 2)) == {"top1": 0.5, "top2": 1.0}
+
+
+def test_invariance_scores():
+    z = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    same = probes.invariance_scores(z, z * 3.0)  # scale does not change the direction
+    assert abs(same["cosine"] - 1.0) < 1e-5 and same["retrieval_top1"] == 1.0
+    other = probes.invariance_scores(z, torch.randn(50, 8))
+    assert other["cosine"] < 0.5 and other["retrieval_top1"] < 0.2
+
+
+def test_rank_of_a_known_low_rank_matrix():
+    from lsdr_repr.evaluate import embedding_rank
+
+    gen = torch.Generator().manual_seed(0)
+    n, dim, r = 400, 64, 5
+    # Z = U S V^T with r equal singular values and zero-mean columns: RankMe = r exactly.
+    u, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    u = u - u.mean(dim=0)
+    v, _ = torch.linalg.qr(torch.randn(dim, r, generator=gen, dtype=torch.float64))
+    z = (u @ v.T).float() * 10
+    result = embedding_rank(z)
+    assert result["numerical_rank"] == r
+    assert abs(result["rankme"] - r) < 0.3
+    assert result["eigenvalues"].shape == (dim,)
+    assert float(result["eigenvalues"][r]) < 1e-6 * float(result["eigenvalues"][0])
+    full = embedding_rank(torch.randn(n, dim, generator=gen))
+    assert full["numerical_rank"] == dim and full["rankme"] > 0.8 * dim
+
+
+# ------------------------------------------------------------------ on real shards and models
+COLOURS = [(200, 40, 40), (40, 180, 60), (50, 60, 210), (220, 200, 60)]
+
+
+def write_image_folder(root: Path, per_class: int, seed: int) -> Path:
+    """Four classes of 40x40 JPEGs: a class colour with a textured square at a random place."""
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(COLOURS):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.empty((40, 40, 3), dtype=np.float64)
+            img[:] = colour
+            y, x = rng.integers(0, 20, size=2)
+            img[y:y + 20, x:x + 20] = 255 - np.asarray(colour)
+            img += rng.normal(0, 12, img.shape)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                root / f"class{c}" / f"{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    from data_pipelines.writer import write_shards
+
+    root = tmp_path_factory.mktemp("evaldata")
+    out = {}
+    for split, n, seed in (("train", 12, 0), ("val", 6, 1)):
+        folder = write_image_folder(root / f"{split}-images", n, seed)
+        out[f"{split}_folder"] = folder
+        out[split] = write_shards(folder, root / split, prefix=split, max_count=16,
+                                  workers=0).out
+    unlabelled = root / "flat-images"
+    unlabelled.mkdir()
+    for p in list((out["val_folder"] / "class0").iterdir())[:4]:
+        (unlabelled / p.name).write_bytes(p.read_bytes())
+    out["unlabelled"] = write_shards(unlabelled, root / "unlabelled", prefix="u", workers=0).out
+    return out
+
+
+@pytest.fixture()
+def run(tmp_path) -> Path:
+    ckpt, _ = make_run(tmp_path / "run", "resnet10t", {}, crop=32)
+    return ckpt.parent.parent
+
+
+def test_knn_linear_rank_cli_write_results_and_reuse_cached_features(data, run, caplog, capsys):
+    common = ["--train", str(data["train"]), "--val", str(data["val"]), "--workers", "0"]
+    assert main(["eval", "knn", str(run), *common]) == 0
+    knn = json.loads((run / "eval" / "knn.json").read_text())
+    # Colour classes are easy for any backbone, even one that has barely trained.
+    assert knn["metrics"]["top1"] >= 0.9 and knn["details"]["num_val"] == 24
+    assert knn["step"] == 7 and knn["metrics"]["k"] == 20
+    assert "top1" in capsys.readouterr().out
+    cached = sorted((run / "eval" / "cache").glob("features-*.safetensors"))
+    assert len(cached) == 2  # train and val, computed once
+
+    caplog.set_level(logging.INFO, logger="lsdr_repr.evaluate")
+    assert main(["eval", "linear", str(run), *common]) == 0
+    assert sum("from cache" in r.message for r in caplog.records) == 2
+    linear = json.loads((run / "eval" / "linear.json").read_text())
+    assert linear["metrics"]["top1"] >= 0.9
+    assert sorted((run / "eval" / "cache").glob("features-*.safetensors")) == cached
+
+    assert main(["eval", "rank", str(run), "--data", str(data["val"]), "--workers", "0"]) == 0
+    rank = json.loads((run / "eval" / "rank.json").read_text())
+    assert 1.0 <= rank["metrics"]["rankme"] <= rank["metrics"]["num_features"] == 512
+    assert len(rank["details"]["eigenvalues"]) == 512
+    png = Path(rank["details"]["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_image_folder_input_matches_the_shards(data, run):
+    trained = evaluate.load_trained_backbone(run)
+    a = evaluate.extract_features(trained.backbone, data["val"], 32, trained.mean, trained.std,
+                                  num_workers=0)
+    b = evaluate.extract_features(trained.backbone, data["val_folder"], 32, trained.mean,
+                                  trained.std, num_workers=0)
+    # Same images, same classes; the shards hold the JPEG bytes of the folder unchanged or
+    # re-encoded, so the embeddings agree closely but not bit for bit.
+    assert a.x.shape == b.x.shape == (24, 512)
+    order_a, order_b = a.y.argsort(stable=True), b.y.argsort(stable=True)
+    assert torch.equal(a.y[order_a], b.y[order_b])
+    cos = torch.nn.functional.cosine_similarity(a.x[order_a], b.x[order_b]).min()
+    assert cos > 0.9
+
+
+def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
+    trained = evaluate.load_trained_backbone(run)
+    trained.backbone.train()
+    acc = evaluate.online_knn(trained.backbone, data["val"], 32, trained.mean, trained.std,
+                              num_workers=0, k=5)
+    assert acc["top1"] >= 0.9
+    assert trained.backbone.training  # mode given back to the trainer
+    with pytest.raises(DataError, match="have no label"):
+        evaluate.online_knn(trained.backbone, data["unlabelled"], 32, trained.mean, trained.std,
+                            num_workers=0)
+    code = main(["eval", "knn", str(run), "--train", str(data["unlabelled"]), "--val",
+                 str(data["val"]), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unlabelled" in err
+
+
+def test_finetune_trains_a_new_head(data, run):
+    assert main(["eval", "finetune", str(run), "--train", str(data["train"]), "--val",
+                 str(data["val"]), "--epochs", "6", "--batch-size", "16", "--workers", "0",
+                 "--lr", "0.1"]) == 0
+    res = json.loads((run / "eval" / "finetune.json").read_text())
+    assert res["details"]["steps"] == 18 and res["details"]["num_classes"] == 4
+    # The new head and the backbone learn the colour classes (chance: 0.25).
+    assert res["metrics"]["top1"] >= 0.9
+
+
+def test_cli_defaults_and_errors(run, capsys):
+    # The run's config has no data.val_shards: the flag must be given.
+    assert main(["eval", "knn", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--val/--data is required" in err
+    assert main(["eval", "rank", str(run / "nothing-here")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+class ConstantEncoder(torch.nn.Module):
+    """Ignores its input: perfectly invariant, and useless for retrieval."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], 8, device=x.device)
+
+
+def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(data):
+    import timm
+
+    images = evaluate.load_images01(data["val"], 32, max_images=24, num_workers=0)
+    assert images.shape == (24, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    table = evaluate.invariance_table(ConstantEncoder(), images, mean, std,
+                                      strengths=(0.5, 1.0))
+    assert set(table) == set(evaluate.FAMILIES)
+    for row in table.values():
+        for cell in row.values():
+            assert cell["cosine"] == pytest.approx(1.0, abs=1e-6)
+            assert cell["cosine_centered"] == 0.0  # nothing left once the constant is removed
+            assert cell["retrieval_top1"] == pytest.approx(1 / 24)  # ties: no retrieval at all
+
+    torch.manual_seed(0)
+    random_net = timm.create_model("resnet10t", num_classes=0).eval()
+    table = evaluate.invariance_table(random_net, images, mean, std, families=("rotation",),
+                                      strengths=(0.0, 0.5, 1.0))
+    row = table["rotation"]
+    assert row["0"]["cosine"] == pytest.approx(1.0, abs=1e-4) and row["0"]["retrieval_top1"] == 1
+    # Pooled ReLU features of any two images are close in raw cosine; the centred cosine and
+    # the retrieval show the change.
+    assert row["1"]["cosine"] < row["0"]["cosine"] - 1e-3
+    assert row["1"]["cosine_centered"] < 0.99 and row["1"]["retrieval_top1"] < 0.5
+    # The same seed gives the same transformations: the table is reproducible.
+    again = evaluate.invariance_table(random_net, images, mean, std, families=("rotation",),
+                                      strengths=(1.0,))
+    assert again["rotation"]["1"] == row["1"]
+
+
+def test_demo_report_compares_trained_and_random_init(data, run):
+    report = evaluate.demo_report(run, str(data["train"]), str(data["val"]), device="cpu",
+                                  max_invariance_images=16, strengths=(1.0,))
+    assert set(report["linear"]) == {"trained", "random_init"}
+    for m in report["linear"].values():
+        assert 0.0 <= m["top1"] <= 1.0
+    assert set(report["invariance"]["trained"]) == set(evaluate.FAMILIES)
+    saved = json.loads((run / "eval" / "demo.json").read_text())
+    assert saved["metrics"]["linear_top1_trained"] == report["linear"]["trained"]["top1"]
+    text = evaluate.format_report(report)
+    assert "random_init" in text and "zoom_out" in text and "step-00000007.pt" in text
+
+
+def test_results_are_logged_to_the_runs_wandb_run(data, tmp_path):
+    from tests.wandb_history import read_wandb_history
+
+    ckpt, _ = make_run(tmp_path / "run", "resnet10t", {}, crop=32, wandb_run_id="evalrun1",
+                       log={"wandb": {"mode": "offline", "project": "lsdr-test"}})
+    run = ckpt.parent.parent
+    assert main(["eval", "rank", str(run), "--data", str(data["val"]), "--workers", "0"]) == 0
+    rows = read_wandb_history(run)
+    logged = [r for r in rows if "eval/rank/rankme" in r]
+    assert len(logged) == 1 and logged[0]["_step"] == 7
+    rank = json.loads((run / "eval" / "rank.json").read_text())
+    assert logged[0]["eval/rank/rankme"] == pytest.approx(rank["metrics"]["rankme"])
+    assert any("eval/rank/spectrum" in r for r in rows)
+    assert list((run / "wandb").glob("offline-run-*-evalrun1"))  # the run's own id
