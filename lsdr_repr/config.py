@@ -126,16 +126,6 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "blur": {"p": [1.0, 0.1]},
         "solarize": {"p": [0.0, 0.2]},
     },
-    # Barlow Twins (facebookresearch/barlowtwins main.py `Transform`): the same BYOL recipe.
-    "barlow": {
-        "interpolation": "bicubic",
-        "scale": {"p": 1.0, "area": [0.08, 1.0]},
-        "lighting": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
-        "flip_p": 0.5,
-        "grayscale_p": 0.2,
-        "blur": {"p": [1.0, 0.1]},
-        "solarize": {"p": [0.0, 0.2]},
-    },
     # The three invariance families stronger: zoom in and out, full rotations, gamma and
     # white balance on top of colour jitter.
     "lsdr-invariance": {
@@ -151,6 +141,10 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "solarize": {"p": [0.0, 0.2]},
     },
 }
+
+
+# Barlow Twins (facebookresearch/barlowtwins main.py `Transform`) uses the same BYOL recipe.
+AUGMENT_PRESETS["barlow"] = copy.deepcopy(AUGMENT_PRESETS["vicreg"])
 
 
 # -------------------------------------------------------------------------------------- model
@@ -178,6 +172,10 @@ class ObjectiveConfig:
     gamma: float = 1.0  # variance hinge target std
     eps: float = 1e-4
     layer_weights: list[float] = field(default_factory=list)  # one per model.stages entry
+    # stage decorrelation on the raw covariance, or scale-free on batch-standardised features
+    layer_decorrelation: Literal["covariance", "correlation"] = "covariance"
+    # invariance on the standardised pooled stages, one weight per model.stages entry ([] = off)
+    layer_invariance_weights: list[float] = field(default_factory=list)
     barlow_lambda: float = 0.0051  # Barlow Twins off-diagonal weight
 
 
@@ -207,6 +205,12 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
+    # torch.compile mode of the model: "reduce-overhead" adds CUDA graphs (+10 points end to end
+    # for ViT-S on one H100, benchmarks/RESULTS.md) but its memory pools escape the peak-memory
+    # counter and it is not yet measured under DDP, so it is opt-in.
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
     compile_augment: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

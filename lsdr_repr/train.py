@@ -110,7 +110,9 @@ class Trainer:
             # many GPUs share it (SyncBatchNorm runs on GPUs only).
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        forward_model = torch.compile(model) if cfg.train.compile else model
+        forward_model = (
+            torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
+        )
         self.multiview: nn.Module = MultiView(forward_model)
         if self.world_size > 1:
             self.multiview = nn.parallel.DistributedDataParallel(
@@ -253,10 +255,13 @@ class Trainer:
         """Batch -> (views of each micro-batch, skipped count): the device copy (or GPU decode)
         and the augmentation, run by the prefetcher on its side stream."""
         images, _ = self.to_device(batch, self.device)
+        return self._augment_chunks(images), int(batch.skipped)
+
+    def _augment_chunks(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """uint8 images [B,3,S,S] on the device -> the views of each micro-batch."""
         with torch.no_grad():
-            views = [self.augment(chunk, generator=self.aug_generator)
-                     for chunk in images.chunk(self.cfg.optim.accumulation_steps)]
-        return views, int(batch.skipped)
+            return [self.augment(chunk, generator=self.aug_generator)
+                    for chunk in images.chunk(self.cfg.optim.accumulation_steps)]
 
     def model_step(self, views: list[torch.Tensor]) -> bool:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
@@ -264,11 +269,14 @@ class Trainer:
         return self._train_step([views])[3]
 
     def _train_step(
-        self, chunks: list[list[torch.Tensor]], prefetch: bool = False
+        self, chunks: list[list[torch.Tensor]] | torch.Tensor, prefetch: bool = False
     ) -> tuple[torch.Tensor, object, list, bool]:
-        """One optimiser step over micro-batches (the views of each); returns the loss, the last
-        loss output, the last views, and whether the step was applied (finite). prefetch: stage
-        the next batch once this step's kernels are queued, before the step synchronises."""
+        """One optimiser step over micro-batches (the views of each, or uint8 images to augment
+        here); returns the loss, the last loss output, the last views, and whether the step was
+        applied (finite). prefetch: stage the next batch once this step's kernels are queued,
+        before the step synchronises."""
+        if isinstance(chunks, torch.Tensor):
+            chunks = self._augment_chunks(chunks)
         # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
         # must not leave NaNs in them, so they are backed up (one fused copy) and restored.
         if self._buffers:

@@ -58,6 +58,17 @@ def unique_label_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory) -> dict[str, Path]:
     """The embedded default data (`lsdr shards sample`): train/val/test shard directories."""

@@ -20,13 +20,7 @@ from tests.test_export import make_run
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def separable_features(n: int, seed: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

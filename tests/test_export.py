@@ -26,13 +26,7 @@ MEAN = (0.5, 0.4, 0.3)
 WEIGHTS = "model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STD = (0.2, 0.25, 0.3)
 
 # Tiny backbones at 32 px: a ConvNet with BatchNorm and a ViT whose img_size is not timm's

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from wandb_history import read_wandb_history
 
 from lsdr_repr.checkpoint import find_latest_valid, load_checkpoint
 from lsdr_repr.cli import main
 from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED
-from wandb_history import read_wandb_history
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

@@ -1,0 +1,710 @@
+"""SLURM submission and status: `lsdr submit CONFIG ...` and `lsdr status RUN_DIR`.
+
+    result = submit("configs/demo.yaml", ["optim.lr=0.1"], SubmitOptions(nodes=2, gpus_per_node=8))
+    result.job_id, result.script_path          # RUN_DIR/train.sbatch, RUN_DIR/config.yaml
+    print(format_status(run_status(result.run_dir)))
+
+The batch script is `lsdr_repr/templates/train.sbatch` (also `slurm/train.sbatch`, for hand
+submission) with its `#SBATCH` lines and settings block filled in from the config's `slurm`
+section and the command-line flags. What reaches a shell or sbatch's own parser is quoted for it:
+config values never appear in the script at all (the job reads RUN_DIR/config.yaml and gets its
+arguments from `lsdr _job-plan` as NUL-separated data); paths in `#SBATCH` lines are quoted for
+sbatch's tokenizer, paths in shell lines with `shlex.quote`. The exceptions are `slurm.setup`
+(shell lines by definition) and `slurm.extra_sbatch` (raw sbatch options).
+
+Preemption: the script asks SLURM for the preemption signal (`train.preempt_signal`, SIGUSR2)
+`slurm.signal_seconds` before the time limit, delivered to the training tasks (no `B:`); the
+trainer checkpoints and exits with `lsdr_repr.train.EXIT_PREEMPTED`, and the script requeues its
+own job while SLURM_RESTART_COUNT < `slurm.max_requeues`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lsdr_repr.config import Config, check_required, dump_config, load_config
+from lsdr_repr.errors import ConfigError, SubmitError
+
+JOBS_FILE = "slurm_jobs.txt"  # one line per job: JOBID <tab> submitted-at <tab> how
+SCRIPT_FILE = "train.sbatch"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+# lsdr_repr.train.EXIT_PREEMPTED, repeated here so that submitting does not import torch
+# (tests/test_submit.py checks the two agree).
+EXIT_PREEMPTED = 3
+# SLURM job states after which a job does nothing more (PREEMPTED jobs that SLURM requeues
+# show up as PENDING again, so PREEMPTED here means "not requeued").
+TERMINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
+})
+
+_SETTINGS_BLOCK = re.compile(r"^# >>> settings.*?^# <<< settings\n", re.DOTALL | re.MULTILINE)
+_SETUP_BLOCK = re.compile(r"^# >>> setup.*?^# <<< setup\n", re.DOTALL | re.MULTILINE)
+_SBATCH_PLAIN = re.compile(r"^[A-Za-z0-9_./:@%+,=\-\[\]]+$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.:,\-\[\]|&*()!]+$")  # partition/account/qos/constraint
+_MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
+_ARRAY = re.compile(r"^[0-9,\-:]+(%\d+)?$")
+
+
+# ------------------------------------------------------------------------------- options
+@dataclass
+class SubmitOptions:
+    """Command-line flags of `lsdr submit`; None leaves the config's `slurm` value."""
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem: str | None = None
+    exclusive: bool | None = None
+    array: str | None = None
+    job_name: str | None = None
+    python: str | None = None  # interpreter on the compute nodes (default: this one)
+
+
+@dataclass
+class SubmitResult:
+    run_dir: Path
+    script: str
+    job_id: str | None = None  # None for a dry run
+    script_path: Path | None = None
+    config_path: Path | None = None
+    sbatch_command: list[str] = field(default_factory=list)
+    log_pattern: str = ""  # RUN_DIR/slurm-JOBID.out
+    wandb: str = ""  # where the W&B run goes, in words
+
+    def describe(self) -> str:
+        lines = [f"submitted job {self.job_id}"] if self.job_id else []
+        out = self.log_pattern
+        if self.job_id:
+            out = out.replace("%j", self.job_id).replace("%A", self.job_id)
+        lines += [
+            f"run dir:  {self.run_dir}",
+            f"script:   {self.script_path}",
+            f"logs:     {out} (and .err)",
+            f"W&B:      {self.wandb}",
+            f"status:   lsdr status {shlex.quote(str(self.run_dir))}",
+        ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ rendering
+def resolve_job_config(
+    config: str | Path, overrides: Sequence[str], options: SubmitOptions
+) -> Config:
+    """The config with the command-line flags written into its `slurm` section, checked."""
+    cfg = load_config(config, overrides)
+    check_required(cfg, str(config))
+    flags = {
+        k: v for k, v in dataclasses.asdict(options).items()
+        if v is not None and k in {f.name for f in dataclasses.fields(cfg.slurm)}
+    }
+    cfg.slurm = dataclasses.replace(cfg.slurm, **flags)
+    _check_slurm(cfg)
+    return cfg
+
+
+def tasks_per_node(cfg: Config) -> int:
+    s = cfg.slurm
+    if s.tasks_per_node is not None:
+        return s.tasks_per_node
+    return s.gpus_per_node if s.gpus_per_node > 0 else 1
+
+
+def render_script(
+    cfg: Config,
+    *,
+    python: str | None = None,
+    workdir: str | Path | None = None,
+    array: str | None = None,
+    job_name: str | None = None,
+) -> str:
+    """The batch script for `cfg` (its `slurm` section already holding the flags)."""
+    s = cfg.slurm
+    run_dir = _abspath(cfg.train.run_dir, workdir)
+    log_name = "slurm-%A_%a" if array else "slurm-%j"
+    name = job_name or _job_name(run_dir)
+    opts: list[tuple[str, str | None]] = [
+        ("job-name", name),
+        ("nodes", str(s.nodes)),
+        ("ntasks-per-node", str(tasks_per_node(cfg))),
+    ]
+    if s.gpus_per_node > 0:
+        opts.append(("gpus-per-node", str(s.gpus_per_node)))
+    opts += [("cpus-per-task", str(s.cpus_per_task)), ("time", s.time)]
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        value = getattr(s, key)
+        if value:
+            opts.append((key, value))
+    if s.exclusive:
+        opts.append(("exclusive", None))
+    if array:
+        opts.append(("array", array))
+    opts += [
+        ("signal", f"{_signal_name(cfg.train.preempt_signal)}@{s.signal_seconds}"),
+        ("requeue", None),
+        ("open-mode", "append"),
+        ("chdir", str(_abspath(".", workdir))),
+        ("output", _sbatch_filename(run_dir) + f"/{log_name}.out"),
+        ("error", _sbatch_filename(run_dir) + f"/{log_name}.err"),
+    ]
+    lines = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={_sbatch_quote(v, k)}"
+             for k, v in opts]
+    for i, extra in enumerate(s.extra_sbatch):
+        _no_newline(extra, f"slurm.extra_sbatch[{i}]")
+        lines.append(f"#SBATCH {extra}")
+
+    settings = "\n".join([
+        "# >>> settings (written by lsdr submit)",
+        f"LSDR_PYTHON={shlex.quote(python or sys.executable)}",
+        f"LSDR_MAX_REQUEUES={int(s.max_requeues)}",
+        f"LSDR_EXIT_PREEMPTED={int(EXIT_PREEMPTED)}  # lsdr_repr.train.EXIT_PREEMPTED",
+        "# <<< settings",
+        "",
+    ])
+    for i, line in enumerate(s.setup):
+        _no_newline(line, f"slurm.setup[{i}]")
+    setup = "\n".join(["# >>> setup (slurm.setup)", *s.setup, "# <<< setup", ""])
+
+    text = template_text()
+    head, sep, rest = text.partition("\n#SBATCH ")
+    if not sep:
+        raise SubmitError("the batch script template has no #SBATCH lines")  # a packaging bug
+    body = "\n".join(ln for ln in ("#SBATCH " + rest).split("\n") if not ln.startswith("#SBATCH"))
+    text = head + "\n" + "\n".join(lines) + "\n" + body
+    text = _SETTINGS_BLOCK.sub(lambda _: settings, text, count=1)
+    text = _SETUP_BLOCK.sub(lambda _: setup, text, count=1)
+    return text
+
+
+def template_text() -> str:
+    return (resources.files("lsdr_repr") / "templates" / "train.sbatch").read_text()
+
+
+# ------------------------------------------------------------------------------- submit
+def submit(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    options: SubmitOptions | None = None,
+    *,
+    dry_run: bool = False,
+    workdir: str | Path | None = None,
+) -> SubmitResult:
+    """Render the batch script, write it and the resolved config into the run dir, `sbatch` it.
+
+    A dry run only renders (nothing is written or submitted). sbatch's own error (unknown
+    partition, bad time ...) comes back as a one-line `SubmitError`.
+    """
+    options = options or SubmitOptions()
+    workdir = Path(workdir) if workdir is not None else Path.cwd()
+    if options.array is not None and not _ARRAY.match(options.array):
+        raise SubmitError(f"--array: {options.array!r} is not a SLURM array spec (e.g. 0-3, 1,5,7, "
+                          f"0-15%4)")
+    cfg = resolve_job_config(config, overrides, options)
+    run_dir = _abspath(cfg.train.run_dir, workdir)
+    script = render_script(cfg, python=options.python, workdir=workdir, array=options.array,
+                           job_name=options.job_name)
+    result = SubmitResult(
+        run_dir=run_dir, script=script,
+        log_pattern=str(run_dir / ("slurm-%A_%a.out" if options.array else "slurm-%j.out")),
+        wandb=_describe_wandb(cfg, run_dir),
+    )
+    if dry_run:
+        return result
+
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SubmitError("sbatch not found on PATH: submit from a SLURM login node "
+                          "(--dry-run shows the script without SLURM)")
+    busy = active_jobs(run_dir)
+    if busy:
+        j = busy[0]
+        raise SubmitError(f"{run_dir} already has job {j.job_id} {j.state}: two jobs must not "
+                          f"train in one run dir (scancel {j.job_id}, or set train.run_dir)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_FILE
+    script_path = run_dir / SCRIPT_FILE
+    dump_config(cfg, config_path)
+    script_path.write_text(script)
+    script_path.chmod(0o755)
+    cmd = [sbatch, "--parsable", str(script_path), str(config_path)]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SubmitError(f"sbatch rejected the job: {_one_line(proc.stderr or proc.stdout)}")
+    job_id = proc.stdout.strip().split(";")[0]
+    if not job_id:
+        raise SubmitError(f"sbatch printed no job id: {_one_line(proc.stderr)}")
+    with open(run_dir / JOBS_FILE, "a", encoding="utf-8") as f:
+        f.write(f"{job_id}\t{time.strftime('%Y-%m-%dT%H:%M:%S')}\tlsdr submit\n")
+    result.job_id, result.script_path, result.config_path = job_id, script_path, config_path
+    result.sbatch_command = cmd
+    return result
+
+
+def job_plan(args: Sequence[str], array_task: str = "") -> list[str]:
+    """What the batch script needs, computed in Python so the shell never parses config values:
+    [log dir, run dir, trainer args...]. Array task i trains in RUN_DIR/task-i with seed + i."""
+    if not args:
+        raise SubmitError("the batch script needs a config path as its first argument")
+    config, overrides = args[0], list(args[1:])
+    cfg = load_config(config, overrides)
+    check_required(cfg, config)
+    log_dir = Path(os.path.abspath(cfg.train.run_dir))
+    run_dir = log_dir
+    if array_task:
+        task = int(array_task)
+        run_dir = log_dir / f"task-{task}"
+        # JSON strings are YAML scalars: the path survives the override parser whatever it holds.
+        overrides += [f"train.run_dir={json.dumps(str(run_dir))}",
+                      f"train.seed={cfg.train.seed + task}"]
+    return [str(log_dir), str(run_dir), config, *overrides]
+
+
+# ------------------------------------------------------------------------------- status
+@dataclass
+class JobInfo:
+    job_id: str
+    state: str  # RUNNING, PENDING, COMPLETED ... or UNKNOWN
+    reason: str = ""
+    elapsed: str = ""
+    restarts: int | None = None
+    exit_code: str = ""
+    source: str = ""  # scontrol | sacct | "" (not found)
+
+
+@dataclass
+class RunStatus:
+    run_dir: Path
+    jobs: list[JobInfo]
+    step: int | None = None
+    total_steps: int | None = None
+    samples_per_s: float | None = None
+    metrics_time: float | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    tasks: list[RunStatus] = field(default_factory=list)  # array tasks (RUN_DIR/task-i)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.jobs) and all(j.state in TERMINAL_STATES for j in self.jobs)
+
+
+def read_job_ids(run_dir: str | Path) -> list[str]:
+    path = Path(run_dir) / JOBS_FILE
+    if not path.is_file():
+        return []
+    ids = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        job = line.split("\t", 1)[0].strip()
+        if job and job not in ids:
+            ids.append(job)
+    return ids
+
+
+def query_jobs(job_ids: Sequence[str]) -> list[JobInfo]:
+    """State of each job (each task of an array job) from `scontrol show job` (pending, running,
+    recently finished), else `sacct` (needs accounting), else UNKNOWN. Never raises for a
+    missing SLURM."""
+    out: list[JobInfo] = []
+    for job_id in job_ids:
+        infos = _scontrol_job(job_id) or _sacct_job(job_id)
+        out.extend(infos or [JobInfo(job_id, "UNKNOWN", reason="not known to scontrol or sacct")])
+    # An array job is recorded once by `lsdr submit` (JOBID) and once per task by the script.
+    return list({info.job_id: info for info in out}.values())
+
+
+def active_jobs(run_dir: str | Path) -> list[JobInfo]:
+    """The run dir's jobs that SLURM still knows as pending, running or completing."""
+    return [j for j in query_jobs(read_job_ids(run_dir))
+            if j.state not in TERMINAL_STATES and j.state != "UNKNOWN"]
+
+
+def run_status(run_dir: str | Path, *, query_slurm: bool = True) -> RunStatus:
+    """Jobs, progress (last step, throughput from metrics.jsonl) and checkpoints of a run dir."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SubmitError(f"{run_dir}: no such run directory")
+    ids = read_job_ids(run_dir)
+    jobs = query_jobs(ids) if query_slurm else [JobInfo(j, "UNKNOWN") for j in ids]
+    status = _progress(run_dir, jobs)
+    for task_dir in sorted(run_dir.glob("task-*"), key=_task_index):
+        if task_dir.is_dir():
+            status.tasks.append(_progress(task_dir, []))
+    return status
+
+
+def _progress(run_dir: Path, jobs: list[JobInfo]) -> RunStatus:
+    status = RunStatus(run_dir=run_dir, jobs=jobs)
+    record = _last_metrics(run_dir / METRICS_FILE)
+    if record:
+        status.step = int(record.get("step", 0))
+        status.metrics_time = record.get("time")
+        value = (record.get("metrics") or {}).get("samples_per_s")
+        status.samples_per_s = float(value) if isinstance(value, (int, float)) else None
+    cfg_path = run_dir / CONFIG_FILE
+    if cfg_path.is_file():
+        try:
+            status.total_steps = load_config(cfg_path).train.total_steps
+        except ConfigError:  # a hand-edited config must not break the status line
+            status.total_steps = None
+    status.checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    return status
+
+
+def format_status(status: RunStatus) -> str:
+    lines = [f"run dir: {status.run_dir}"]
+    if not status.jobs:
+        lines.append(f"jobs: none recorded in {JOBS_FILE}")
+    for j in status.jobs:
+        bits = [f"job {j.job_id}: {j.state}"]
+        if j.reason and j.reason not in ("None", "(null)"):
+            bits.append(f"reason {j.reason}")
+        if j.elapsed:
+            bits.append(f"elapsed {j.elapsed}")
+        if j.restarts:
+            bits.append(f"requeued {j.restarts}x")
+        if j.exit_code and j.state in TERMINAL_STATES:
+            bits.append(f"exit {j.exit_code}")
+        lines.append(", ".join(bits))
+    shown = [status, *status.tasks] if status.step is not None or not status.tasks else status.tasks
+    for s in shown:
+        prefix = "" if s is status else f"{s.run_dir.name}: "
+        lines.append(prefix + _progress_line(s))
+    return "\n".join(lines)
+
+
+def _progress_line(s: RunStatus) -> str:
+    if s.step is None:
+        progress = "no metrics yet"
+    else:
+        total = f"/{s.total_steps}" if s.total_steps else ""
+        progress = f"step {s.step}{total}"
+        if s.samples_per_s is not None:
+            progress += f", {s.samples_per_s:.1f} samples/s"
+        if s.metrics_time:
+            progress += f", logged {max(0, int(time.time() - s.metrics_time))} s ago"
+    ckpts = ", ".join(s.checkpoints) if s.checkpoints else "none"
+    return f"{progress}; checkpoints: {ckpts}"
+
+
+def watch(
+    run_dir: str | Path,
+    on_update: Callable[[RunStatus], None],
+    *,
+    interval_s: float = 10.0,
+    timeout_s: float | None = None,
+) -> RunStatus:
+    """Poll `run_status` until every job is finished (or `timeout_s`), calling `on_update` when
+    the status changes."""
+    start = time.monotonic()
+    last = None
+    while True:
+        status = run_status(run_dir)
+        # What counts as a change: job states and requeues, progress, checkpoints (not the
+        # elapsed-time counters, which change at every poll).
+        key = ([(j.job_id, j.state, j.restarts) for j in status.jobs],
+               [(s.step, s.checkpoints) for s in (status, *status.tasks)])
+        if key != last:
+            on_update(status)
+            last = key
+        if status.finished or (timeout_s is not None and time.monotonic() - start > timeout_s):
+            return status
+        time.sleep(interval_s)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_cli_commands(sub, add) -> None:
+    p = add(sub, "submit", "Submit a training run to SLURM (renders RUN_DIR/train.sbatch).",
+            "lsdr submit configs/resnet50_imagenet.yaml optim.lr=0.3 --nodes 4 --gpus-per-node 8 "
+            "--partition gpu --time 48:00:00")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int, help="0: CPU-only job (gloo), see --tasks-per-node")
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 24:00:00 or 2-00:00:00")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--mem", help="memory per node, e.g. 480G")
+    p.add_argument("--exclusive", action="store_true", default=None)
+    p.add_argument("--array", help="array spec, e.g. 0-3: task i trains with train.seed + i")
+    p.add_argument("--job-name")
+    p.add_argument("--python", help="interpreter on the compute nodes (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    p.add_argument("--watch", action="store_true", help="follow the job until it finishes")
+    p.add_argument("--interval", type=float, default=10.0, help="--watch poll interval (s)")
+    p.set_defaults(handler=_cmd_submit)
+    # Flags and key=value overrides in any order (`... --nodes 2 optim.lr=0.1`), which a plain
+    # argparse parser refuses once the overrides' positional has been consumed.
+    p.__class__ = _IntermixedParser
+
+    p = add(sub, "status", "Show a run's SLURM jobs, last step, throughput and checkpoints.",
+            "lsdr status runs/resnet50")
+    p.add_argument("run_dir")
+    p.add_argument("--watch", action="store_true", help="poll until the jobs finish")
+    p.add_argument("--interval", type=float, default=10.0)
+    p.set_defaults(handler=_cmd_status)
+
+    # Used by the batch script itself; not listed in `lsdr --help`.
+    p = sub.add_parser("_job-plan", description="internal: arguments for the batch script")
+    p.add_argument("--array-task", default="")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_cmd_job_plan)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser that lets optionals and positionals interleave."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    names = {f.name for f in dataclasses.fields(SubmitOptions)}
+    options = SubmitOptions(**{k: v for k, v in vars(args).items() if k in names})
+    result = submit(args.config, args.overrides, options, dry_run=args.dry_run)
+    if args.dry_run:
+        print(result.script, end="")
+        return 0
+    print(result.describe())
+    if args.watch:
+        final = watch(result.run_dir, lambda s: print(format_status(s), flush=True),
+                      interval_s=args.interval)
+        return 0 if all(j.state == "COMPLETED" for j in final.jobs) else 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        final = watch(args.run_dir, lambda s: print(format_status(s), flush=True),
+                      interval_s=args.interval)
+        return 0 if all(j.state == "COMPLETED" for j in final.jobs) else 1
+    print(format_status(run_status(args.run_dir)))
+    return 0
+
+
+def _cmd_job_plan(args: argparse.Namespace) -> int:
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    fields = job_plan(rest, array_task=args.array_task)
+    sys.stdout.write("".join(f + "\0" for f in fields))
+    return 0
+
+
+# ------------------------------------------------------------------------------ helpers
+def _check_slurm(cfg: Config) -> None:
+    s = cfg.slurm
+    if s.nodes < 1:
+        raise SubmitError(f"slurm.nodes must be >= 1, got {s.nodes}")
+    if s.gpus_per_node < 0:
+        raise SubmitError(f"slurm.gpus_per_node must be >= 0, got {s.gpus_per_node}")
+    ntasks = tasks_per_node(cfg)
+    if ntasks < 1:
+        raise SubmitError(f"slurm.tasks_per_node must be >= 1, got {ntasks}")
+    if s.gpus_per_node > 0 and ntasks != s.gpus_per_node:
+        raise SubmitError(f"slurm.tasks_per_node ({ntasks}) must equal slurm.gpus_per_node "
+                          f"({s.gpus_per_node}): each rank drives one GPU")
+    if s.cpus_per_task < 1:
+        raise SubmitError(f"slurm.cpus_per_task must be >= 1, got {s.cpus_per_task}")
+    world = s.nodes * ntasks
+    if cfg.data.batch_size % world:
+        raise SubmitError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
+                          f"{world} ranks ({s.nodes} nodes x {ntasks}): it is the global batch")
+    if s.max_requeues < 0:
+        raise SubmitError(f"slurm.max_requeues must be >= 0, got {s.max_requeues}")
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(s, key)
+        if value is not None and not _SLURM_NAME.match(value):
+            raise SubmitError(f"slurm.{key}: {value!r} is not a SLURM name")
+    if s.mem is not None and not _MEM.match(s.mem):
+        raise SubmitError(f"slurm.mem: {s.mem!r} is not a SLURM memory size (e.g. 480G)")
+    limit = parse_slurm_time(s.time)
+    if limit is not None and s.signal_seconds >= limit:
+        raise SubmitError(f"slurm.signal_seconds ({s.signal_seconds}) must be shorter than the "
+                          f"time limit {s.time!r} ({limit} s), or the job is warned at once")
+    if s.signal_seconds < 0:
+        raise SubmitError(f"slurm.signal_seconds must be >= 0, got {s.signal_seconds}")
+    _signal_name(cfg.train.preempt_signal)
+    _no_newline(cfg.train.run_dir, "train.run_dir")
+
+
+def parse_slurm_time(text: str) -> int | None:
+    """SLURM's --time forms in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; None if not one
+    (sbatch then reports it) or unlimited."""
+    text = text.strip()
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    days = 0
+    if "-" in text:
+        d, _, text = text.partition("-")
+        if not d.isdigit():
+            return None
+        days = int(d)
+        parts = text.split(":")
+        if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+            return None
+        h, m, s = ([int(p) for p in parts] + [0, 0])[:3]
+    else:
+        parts = text.split(":")
+        if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+            return None
+        nums = [int(p) for p in parts]
+        h, m, s = {1: (0, nums[0], 0), 2: (0, *nums), 3: tuple(nums)}[len(nums)]
+    return ((days * 24 + h) * 60 + m) * 60 + s
+
+
+def _signal_name(name: str) -> str:
+    """'SIGUSR2' / 'USR2' / '12' -> 'USR2', the form sbatch's --signal takes."""
+    from lsdr_repr.preemption import parse_signal
+
+    return parse_signal(name).name.removeprefix("SIG")
+
+
+def _sbatch_quote(value: str, key: str) -> str:
+    """A value for an `#SBATCH --key=value` line. sbatch splits these lines itself (not a shell):
+    whitespace separates, '...' and "..." group, backslash escapes, an unquoted # starts a
+    comment. Anything but plain characters is double-quoted with \\ and " escaped."""
+    _no_newline(value, key)
+    if _SBATCH_PLAIN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sbatch_filename(path: Path) -> str:
+    # sbatch expands %j, %A ... in --output/--error; a literal % in the path is written %%.
+    return str(path).replace("%", "%%")
+
+
+def _no_newline(value: str, key: str) -> None:
+    if any(c in value for c in "\n\r\0"):
+        raise SubmitError(f"{key}: {value!r} contains a line break or NUL, which a batch "
+                          f"script line cannot hold")
+
+
+def _abspath(path: str | Path, workdir: str | Path | None) -> Path:
+    base = Path(workdir) if workdir is not None else Path.cwd()
+    return Path(os.path.abspath(base / Path(path).expanduser()))
+
+
+def _job_name(run_dir: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_dir.name).strip("-")
+    return f"lsdr-{name}"[:64] if name else "lsdr"
+
+
+def _describe_wandb(cfg: Config, run_dir: Path) -> str:
+    w = cfg.log.wandb
+    if w.mode == "disabled":
+        return "disabled (metrics still in RUN_DIR/metrics.jsonl)"
+    project = f"{w.entity}/{w.project}" if w.entity else w.project
+    name = f", run name {w.name!r}" if w.name else ""
+    if w.mode == "offline":
+        return (f"offline, project {project}{name}: files in {run_dir / 'wandb'} "
+                f"(upload: wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*)")
+    return f"online, project {project}{name} (falls back to offline in {run_dir / 'wandb'})"
+
+
+def _one_line(text: str) -> str:
+    lines = [re.sub(r"^(sbatch: )?(error: )?", "", ln.strip()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return "; ".join(dict.fromkeys(lines)) or "no message"
+
+
+def _task_index(path: Path) -> int:
+    tail = path.name.removeprefix("task-")
+    return int(tail) if tail.isdigit() else 1 << 30
+
+
+def _last_metrics(path: Path) -> dict | None:
+    """The last complete JSON line of metrics.jsonl, reading only the file's tail."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        tail = f.read().decode("utf-8", errors="replace")
+    for line in reversed(tail.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            return record
+    return None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return None
+    try:
+        return subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _scontrol_job(job_id: str) -> list[JobInfo]:
+    proc = _run(["scontrol", "show", "job", "--oneliner", job_id])
+    if proc is None or proc.returncode != 0:
+        return []
+    infos = []
+    for line in proc.stdout.strip().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if "JobState" not in fields:
+            continue
+        task = fields.get("ArrayTaskId")
+        restarts = fields.get("Restarts", "")
+        infos.append(JobInfo(
+            job_id=f"{fields.get('ArrayJobId')}_{task}" if task else job_id,
+            state=fields["JobState"],
+            reason=fields.get("Reason", ""),
+            elapsed=fields.get("RunTime", ""),
+            restarts=int(restarts) if restarts.isdigit() else None,
+            exit_code=fields.get("ExitCode", ""),
+            source="scontrol",
+        ))
+    return infos
+
+
+def _sacct_job(job_id: str) -> list[JobInfo]:
+    proc = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,Elapsed,ExitCode"])
+    if proc is None or proc.returncode != 0:
+        return []  # no accounting (sacct: "Slurm accounting storage is disabled")
+    infos = []
+    for line in proc.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 4 and parts[0].split("_")[0] == job_id.split("_")[0]:
+            infos.append(JobInfo(parts[0], parts[1].split()[0] if parts[1] else "UNKNOWN",
+                                 elapsed=parts[2], exit_code=parts[3], source="sacct"))
+    return infos
