@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -481,6 +482,13 @@ def _worker_message(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
+def _ignore_termination(worker_id: int) -> None:
+    """Workers ignore SIGTERM: SLURM signals every process of a job step, and a worker that died
+    would crash the main process before it can write its preemption checkpoint. The main process
+    ends its workers itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset: ShardStream, *, num_workers: int, prefetch_factor: int, pin_memory: bool,
             empty_is_error: bool) -> ShardLoader:
     if num_workers < 0:
@@ -489,6 +497,7 @@ def _loader(dataset: ShardStream, *, num_workers: int, prefetch_factor: int, pin
                               "pin_memory": pin_memory and torch.cuda.is_available()}
     if num_workers > 0:
         kwargs["prefetch_factor"] = max(1, prefetch_factor)
+        kwargs["worker_init_fn"] = _ignore_termination
     return ShardLoader(dataset, empty_is_error=empty_is_error, **kwargs)
 
 

@@ -56,7 +56,8 @@ def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> Demo
     demo = DemoResult(result.exit_code, Path(run_dir), result.checkpoint, result.wandb_path)
     if result.exit_code != EXIT_OK:
         return demo
-    demo.export_dir = export_backbone(Path(run_dir), Path(run_dir) / "export", overwrite=True).out_dir
+    # Evaluate first: the export's model card quotes the results written to RUN_DIR/eval.
     report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]))
     demo.report = format_report(report)
+    demo.export_dir = export_backbone(Path(run_dir), Path(run_dir) / "export", overwrite=True).out_dir
     return demo

@@ -15,6 +15,11 @@ from lsdr_repr.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Exit statuses of `lsdr train`, here (not in train.py) so the SLURM side needs no torch import.
+EXIT_OK = 0
+EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM / the preemption signal: requeue me
+EXIT_DIVERGED = 4  # too many non-finite steps in a row; the last good checkpoint is untouched
+
 
 def parse_signal(name: str) -> signal.Signals:
     """'SIGUSR2', 'USR2' or '12' -> signal.SIGUSR2."""

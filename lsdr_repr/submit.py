@@ -14,7 +14,7 @@ sbatch's tokenizer, paths in shell lines with `shlex.quote`. The exceptions are 
 
 Preemption: the script asks SLURM for the preemption signal (`train.preempt_signal`, SIGUSR2)
 `slurm.signal_seconds` before the time limit, delivered to the training tasks (no `B:`); the
-trainer checkpoints and exits with `lsdr_repr.train.EXIT_PREEMPTED`, and the script requeues its
+trainer checkpoints and exits with `lsdr_repr.preemption.EXIT_PREEMPTED`, and the script requeues its
 own job while SLURM_RESTART_COUNT < `slurm.max_requeues`.
 """
 
@@ -37,14 +37,12 @@ from pathlib import Path
 
 from lsdr_repr.config import Config, check_required, dump_config, load_config
 from lsdr_repr.errors import ConfigError, SubmitError
+from lsdr_repr.preemption import EXIT_PREEMPTED
 
 JOBS_FILE = "slurm_jobs.txt"  # one line per job: JOBID <tab> submitted-at <tab> how
 SCRIPT_FILE = "train.sbatch"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-# lsdr_repr.train.EXIT_PREEMPTED, repeated here so that submitting does not import torch
-# (tests/test_submit.py checks the two agree).
-EXIT_PREEMPTED = 3
 # SLURM job states after which a job does nothing more (PREEMPTED jobs that SLURM requeues
 # show up as PENDING again, so PREEMPTED here means "not requeued").
 TERMINAL_STATES = frozenset({
@@ -177,7 +175,7 @@ def render_script(
         "# >>> settings (written by lsdr submit)",
         f"LSDR_PYTHON={shlex.quote(python or sys.executable)}",
         f"LSDR_MAX_REQUEUES={int(s.max_requeues)}",
-        f"LSDR_EXIT_PREEMPTED={int(EXIT_PREEMPTED)}  # lsdr_repr.train.EXIT_PREEMPTED",
+        f"LSDR_EXIT_PREEMPTED={int(EXIT_PREEMPTED)}  # lsdr_repr.preemption.EXIT_PREEMPTED",
         "# <<< settings",
         "",
     ])

@@ -106,8 +106,7 @@ class RunTracker(Tracker):
     def log(self, metrics: Mapping[str, float | torch.Tensor], step: int) -> None:
         values = {key: _to_float(key, value) for key, value in metrics.items()}
         self._runlog.append(step, values)
-        if self._run is not None:
-            self._run.log(values, step=step)
+        self._wandb(lambda run: run.log(values, step=step))
 
     def log_images(
         self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
@@ -117,7 +116,7 @@ class RunTracker(Tracker):
         import wandb
 
         grid = image_grid(images, nrow)
-        self._run.log({key: wandb.Image(grid, caption=f"step {step}")}, step=step)
+        self._wandb(lambda run: run.log({key: wandb.Image(grid, caption=f"step {step}")}, step=step))
 
     def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
         if self._run is None:
@@ -125,7 +124,7 @@ class RunTracker(Tracker):
         import wandb
 
         plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}")
-        self._run.log({key: wandb.Image(plot)}, step=step)
+        self._wandb(lambda run: run.log({key: wandb.Image(plot)}, step=step))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         values = {key: _plain(value) for key, value in summary.items()}
@@ -140,16 +139,27 @@ class RunTracker(Tracker):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
-        if self._run is not None:
-            self._run.summary.update(values)
+        self._wandb(lambda run: run.summary.update(values))
 
     def finish(self, exit_code: int | None = None) -> None:
         if self._finished:
             return
         self._finished = True
         self._runlog.close()
-        if self._run is not None:
-            self._run.finish(exit_code=exit_code)
+        self._wandb(lambda run: run.finish(exit_code=exit_code))
+
+    def _wandb(self, call: Any) -> None:
+        """Run `call(run)` unless W&B is off. If W&B's service has gone (under SLURM the job's
+        SIGTERM reaches wandb-core too), say so once and go on with metrics.jsonl alone: losing
+        the dashboard must not lose the checkpoint that preemption is about to write."""
+        if self._run is None:
+            return
+        try:
+            call(self._run)
+        except Exception as exc:  # noqa: BLE001 - wandb raises many types (its own, OSError...)
+            log.error("W&B stopped working (%s); metrics go on to %s only",
+                      _first_line(exc), self.run_dir / METRICS_FILE)
+            self._run = None
 
 
 class RunLog:
@@ -259,6 +269,10 @@ def _init_wandb(log_cfg: LogConfig, config: dict, run_dir: Path, run_id: str, mo
     import wandb
 
     w = log_cfg.wandb
+    for tag in w.tags:
+        if not 1 <= len(tag) <= 64:  # W&B's own limit; its pydantic error is a page long
+            raise ConfigError(f"log.wandb.tags: tag {tag!r} has {len(tag)} characters; "
+                              "W&B accepts 1 to 64")
     settings = wandb.Settings(
         silent=True,  # our own logging says what matters; W&B's banners clutter SLURM logs
         console="off",  # stdout is the SLURM log and the tqdm bar: no capture, no rewrapping

@@ -33,15 +33,14 @@ from lsdr_repr.errors import CheckpointError, LsdrError
 from lsdr_repr.models import build_model
 from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
-from lsdr_repr.preemption import PreemptionFlag
+from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
 from lsdr_repr.prefetch import Prefetcher
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM / the preemption signal: requeue me
-EXIT_DIVERGED = 4  # too many non-finite steps in a row; the last good checkpoint is untouched
+__all__ = ["EXIT_DIVERGED", "EXIT_OK", "EXIT_PREEMPTED", "TrainResult", "Trainer", "train"]
+
 
 CHECKPOINT_FORMAT_VERSION = 1
 

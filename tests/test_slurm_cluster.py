@@ -234,16 +234,9 @@ def _log_time(text: str, message: str, after: float) -> float:
     raise AssertionError(f"no log line '{message}' after {after}")
 
 
-SIGTERM_BUGS = (
-    "SIGTERM reaches every process of the step: torch DataLoader workers die on it (their "
-    "SIGTERM handler re-raises unless the parent sent it) and wandb-core (Go) exits, after which "
-    "the tracker raises ConnectionResetError; the trainer crashes (exit 1) without a checkpoint"
-)
-
-
 @pytest.mark.parametrize("sig", [
     "USR2",
-    pytest.param("TERM", marks=pytest.mark.xfail(strict=True, reason=SIGTERM_BUGS)),
+    "TERM",
 ])
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, sample_data, tmp_path,
                                                         sig):

@@ -107,7 +107,6 @@ def test_template_is_the_repository_script_and_exit_code_matches_trainer():
     assert (REPO / "slurm" / "train.sbatch").read_text() == sub.template_text()
     from lsdr_repr.train import EXIT_PREEMPTED
 
-    assert sub.EXIT_PREEMPTED == EXIT_PREEMPTED
     assert f"LSDR_EXIT_PREEMPTED={EXIT_PREEMPTED} " in sub.template_text()
 
 
