@@ -11,8 +11,8 @@ its gradient do not change with the number of processes at a fixed global batch.
 from __future__ import annotations
 
 import contextlib
-import math
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +76,22 @@ def decorrelation_loss(z: Tensor, correction: int = 0) -> Tensor:
     return off_diagonal_sq_sum(covariance(z, correction)) / z.shape[1]
 
 
+def correlation_decorrelation_loss(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """z [N, D] -> scalar: sum_{i != j} Corr(z_i, z_j)^2 / D, the decorrelation term on batch-
+    standardised features. Scale-free: a network cannot meet it by shrinking z (the raw
+    covariance form can, when a BatchNorm after z undoes the scale)."""
+    return decorrelation_loss(batch_standardize(z, eps))
+
+
+def standardized_invariance_loss(views: Sequence[Tensor], eps: float = 1e-5) -> Tensor:
+    """V x [N, D] -> scalar: the invariance term on batch-standardised views (each view with its
+    own batch statistics); for two views it is 2 - 2 * mean_j Corr(z_j, z'_j). Scale-free while
+    Var(z_j) >> eps: a feature whose batch variance a network drives below eps standardises to
+    ~0 and meets this term (and the correlation decorrelation) for free, which is what the
+    benchmark saw on the pooled embedding under the lsdr-invariance augmentations."""
+    return invariance_loss([batch_standardize(z, eps) for z in views])
+
+
 def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
     """z [N, D] -> [N, D]: (z - mean) / sqrt(biased var + eps), i.e. BatchNorm1d(D, affine=False)
     in training mode."""
@@ -118,14 +134,25 @@ def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = N
                              f"{[tuple(p.shape) for p in projections]}")
 
 
+# How the layer-wise decorrelation measures a stage (objective.layer_decorrelation).
+LAYER_DECORRELATION = {
+    "covariance": decorrelation_loss,
+    "correlation": correlation_decorrelation_loss,
+}
+
+
 class LSDRLoss(nn.Module):
     """LSDR (DESIGN.md): inv_w * invariance + var_w * variance + dec_w * decorrelation
-    + sum_k w_k * decorrelation(stage k).
+    + sum_k w_k * layer_decorrelation(stage k) + sum_k u_k * layer_invariance(stage k).
 
     invariance: mean over view pairs of the MSE; variance and decorrelation: mean over views of
-    the per-view term, with the biased (1/N) statistics of DESIGN.md; stage terms: the same
-    decorrelation on each pooled stage, mean over views. (VICReg sums its covariance term over
-    its two branches: at V = 2, LSDR's decorrelation_weight 2 weighs it as VICReg's 1 does.)"""
+    the per-view term, with the biased (1/N) statistics of DESIGN.md; stage terms: the
+    decorrelation on each pooled stage, mean over views, on the raw covariance
+    (layer_decorrelation="covariance") or on batch-standardised features ("correlation", which
+    a network cannot meet by shrinking the stage); layer invariance (option, weights u_k, empty =
+    off): the invariance term on the batch-standardised pooled stage. (VICReg sums its covariance term
+    over its two branches: at V = 2, LSDR's decorrelation_weight 2 weighs it as VICReg's 1
+    does.)"""
 
     def __init__(
         self,
@@ -136,8 +163,21 @@ class LSDRLoss(nn.Module):
         eps: float = 1e-4,
         layer_weights: Sequence[float] = (),
         stage_labels: Sequence[int] | None = None,
+        layer_decorrelation: str = "covariance",
+        layer_invariance_weights: Sequence[float] = (),
     ) -> None:
         super().__init__()
+        if layer_decorrelation not in LAYER_DECORRELATION:
+            raise ConfigError(f"objective.layer_decorrelation: expected one of "
+                              f"{' | '.join(LAYER_DECORRELATION)}, got {layer_decorrelation!r}")
+        self.layer_decorrelation = layer_decorrelation
+        self.layer_invariance_weights = list(layer_invariance_weights)
+        if self.layer_invariance_weights and len(self.layer_invariance_weights) != len(
+                list(layer_weights)):
+            raise ConfigError(f"objective.layer_invariance_weights has "
+                              f"{len(self.layer_invariance_weights)} entries but "
+                              f"objective.layer_weights has {len(list(layer_weights))}: give one "
+                              f"per stage (or none)")
         self.invariance_weight = invariance_weight
         self.variance_weight = variance_weight
         self.decorrelation_weight = decorrelation_weight
@@ -168,10 +208,16 @@ class LSDRLoss(nn.Module):
             total = (self.invariance_weight * inv + self.variance_weight * var
                      + self.decorrelation_weight * dec)
             terms = {"invariance": inv, "variance": var, "decorrelation": dec}
+            layer_dec = LAYER_DECORRELATION[self.layer_decorrelation]
             for k, (weight, label) in enumerate(zip(self.layer_weights, self.stage_labels)):
-                layer = torch.stack([decorrelation_loss(_global(v[k])) for v in per_view]).mean()
+                hs = [_global(v[k]) for v in per_view]
+                layer = torch.stack([layer_dec(h) for h in hs]).mean()
                 total = total + weight * layer
                 terms[f"decorrelation_stage{label}"] = layer
+                if self.layer_invariance_weights:
+                    layer_inv = standardized_invariance_loss(hs)
+                    total = total + self.layer_invariance_weights[k] * layer_inv
+                    terms[f"invariance_stage{label}"] = layer_inv
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
 
 
@@ -248,10 +294,12 @@ def build_objective(objective_cfg: ObjectiveConfig, stages: Sequence[int] | None
             eps=objective_cfg.eps,
             layer_weights=weights,
             stage_labels=list(stages) if stages is not None else None,
+            layer_decorrelation=objective_cfg.layer_decorrelation,
+            layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
         )
-    if objective_cfg.layer_weights:
-        raise ConfigError(f"objective.layer_weights is only used by objective.name=lsdr, "
-                          f"not {name}")
+    if objective_cfg.layer_weights or objective_cfg.layer_invariance_weights:
+        raise ConfigError(f"objective.layer_weights and objective.layer_invariance_weights are "
+                          f"only used by objective.name=lsdr, not {name}")
     if name == "vicreg":
         return VICRegLoss(
             sim_coeff=objective_cfg.invariance_weight,

@@ -20,6 +20,7 @@ from lsdr_repr.objectives import (
     LSDRLoss,
     VICRegLoss,
     build_objective,
+    correlation_decorrelation_loss,
     covariance,
     covariance_spectrum,
     cross_correlation,
@@ -27,6 +28,7 @@ from lsdr_repr.objectives import (
     embedding_diagnostics,
     invariance_loss,
     off_diagonal,
+    standardized_invariance_loss,
     variance_loss,
 )
 
@@ -105,6 +107,75 @@ def test_lsdr_total_with_views_and_stages():
     assert out.terms["decorrelation_stage4"].item() == pytest.approx(s4, rel=1e-12)
     assert out.terms["variance"].item() == pytest.approx(var, rel=1e-12)
     assert all(not t.requires_grad for t in out.terms.values())
+
+
+def _np_standardize(z: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    return (z - z.mean(0)) / np.sqrt(((z - z.mean(0)) ** 2).mean(0) + eps)
+
+
+def test_scale_free_layer_terms_match_formulas():
+    a, b = (_rand(16, 5, seed=s, dtype=torch.float64) * (1 + s) + s for s in (3, 4))
+    an, bn = a.numpy(), b.numpy()
+    assert correlation_decorrelation_loss(a).item() == pytest.approx(
+        _np_dec(_np_standardize(an)), rel=1e-12)
+    expected_inv = _np_inv([_np_standardize(an), _np_standardize(bn)])
+    assert standardized_invariance_loss([a, b]).item() == pytest.approx(expected_inv, rel=1e-12)
+    # two views: 2 - 2 * mean Pearson correlation of matching features (up to eps)
+    corr = np.mean([np.corrcoef(an[:, j], bn[:, j])[0, 1] for j in range(5)])
+    assert standardized_invariance_loss([a, b]).item() == pytest.approx(2 - 2 * corr, rel=1e-4)
+
+
+def test_covariance_layer_term_vanishes_by_shrinking_correlation_does_not():
+    # Why objective.layer_decorrelation=correlation exists: a stage scaled down by 100 (which the
+    # next BatchNorm undoes) takes the covariance term down 10^8 times; the correlation term
+    # and the standardised invariance do not move, and their gradient has no scale component.
+    h = _rand(64, 8, seed=5, dtype=torch.float64) @ _rand(8, 8, seed=6, dtype=torch.float64)
+    assert decorrelation_loss(h / 100).item() == pytest.approx(decorrelation_loss(h).item() * 1e-8,
+                                                               rel=1e-9)
+    assert correlation_decorrelation_loss(h / 100, eps=0.0).item() == pytest.approx(
+        correlation_decorrelation_loss(h, eps=0.0).item(), rel=1e-9)
+    h2 = h + 0.3 * _rand(64, 8, seed=7, dtype=torch.float64)
+    assert standardized_invariance_loss([h / 100, h2 / 100], eps=0.0).item() == pytest.approx(
+        standardized_invariance_loss([h, h2], eps=0.0).item(), rel=1e-9)
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    correlation_decorrelation_loss(h * scale, eps=0.0).backward()
+    assert abs(scale.grad.item()) < 1e-9
+
+
+def test_lsdr_correlation_stages_and_layer_invariance():
+    v = 2
+    projections = [_rand(12, 6, seed=40 + i, dtype=torch.float64) for i in range(v)]
+    stages = [[_rand(12, 4, seed=50 + i, dtype=torch.float64) * 3,
+               _rand(12, 3, seed=60 + i, dtype=torch.float64) + 1] for i in range(v)]
+    loss_fn = LSDRLoss(3.0, 5.0, 7.0, layer_weights=[0.5, 0.25], stage_labels=[2, 4],
+                       layer_decorrelation="correlation", layer_invariance_weights=[0.0, 2.0])
+    out = loss_fn(projections, stages)
+    pn = [p.numpy() for p in projections]
+    sn = [[_np_standardize(t.numpy()) for t in view] for view in stages]
+    dec2 = np.mean([_np_dec(view[0]) for view in sn])
+    dec4 = np.mean([_np_dec(view[1]) for view in sn])
+    inv2 = _np_inv([view[0] for view in sn])
+    inv4 = _np_inv([view[1] for view in sn])
+    expected = (3 * _np_inv(pn) + 5 * np.mean([_np_var(z, 1.0, 1e-4) for z in pn])
+                + 7 * np.mean([_np_dec(z) for z in pn]) + 0.5 * dec2 + 0.25 * dec4 + 2.0 * inv4)
+    assert out.total.item() == pytest.approx(expected, rel=1e-10)
+    assert out.terms["invariance_stage2"].item() == pytest.approx(inv2, rel=1e-10)
+    assert out.terms["invariance_stage4"].item() == pytest.approx(inv4, rel=1e-10)
+    assert out.terms["decorrelation_stage4"].item() == pytest.approx(dec4, rel=1e-10)
+    cfg = ObjectiveConfig(layer_weights=[0.5], layer_decorrelation="correlation",
+                          layer_invariance_weights=[1.5])
+    built = build_objective(cfg, stages=[4])
+    assert built.layer_decorrelation == "correlation" and built.layer_invariance_weights == [1.5]
+
+
+def test_layer_option_errors():
+    with pytest.raises(ConfigError, match="layer_decorrelation: expected one of"):
+        LSDRLoss(layer_decorrelation="whitening")
+    with pytest.raises(ConfigError, match="layer_invariance_weights has 1 entries but "
+                                          "objective.layer_weights has 2"):
+        build_objective(ObjectiveConfig(layer_weights=[1.0, 1.0], layer_invariance_weights=[1.0]))
+    with pytest.raises(ConfigError, match="only used by objective.name=lsdr, not vicreg"):
+        build_objective(ObjectiveConfig(name="vicreg", layer_invariance_weights=[1.0]))
 
 
 def test_layer_weights_must_match_stages():
