@@ -46,6 +46,7 @@ writer only writes JPEGs); PNG or WebP members of other shards are skipped and c
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import logging
@@ -54,6 +55,7 @@ import os
 import random
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -437,7 +439,30 @@ class ShardLoader(StatefulDataLoader):
         self._empty_is_error = empty_is_error
 
     def __iter__(self) -> Iterator[Batch]:
-        return _CleanErrors(super().__iter__(), self.dataset, self._empty_is_error)
+        it = super().__iter__()
+        _LIVE_WORKERS.update(getattr(it, "_workers", ()))
+        return _CleanErrors(it, self.dataset, self._empty_is_error)
+
+
+# Worker processes of every loader iterator. Workers ignore SIGTERM (see `_ignore_termination`),
+# so multiprocessing's exit handler, which terminates daemonic children with SIGTERM and then
+# joins them, would wait forever for an iterator that was not shut down before exit (torch skips
+# its graceful shutdown once the interpreter is exiting). This exit handler, registered after
+# multiprocessing's and so run before it, kills them: they hold no state worth saving.
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    workers = [w for w in list(_LIVE_WORKERS) if w.is_alive()]
+    if not workers:
+        return
+    # torch's SIGCHLD handler raises when a worker dies by a signal; at exit that is expected.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 class _CleanErrors:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -354,3 +356,29 @@ def test_brace_pattern_and_single_tar_specs(unique_label_shards, tmp_path):
     assert sum(len(b.labels) for b in make_eval_loader(str(lone), 8, 4)) == 8
     piped = make_eval_loader(f"pipe:cat {lone}", 8, 4)  # anything webdataset's gopen opens
     assert [y for b in piped for y in b.labels.tolist()] == labels_in(lone)
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import gc, sys
+from pathlib import Path
+from data_pipelines.reader import make_train_loader
+from lsdr_repr.config import DataConfig
+gc.disable()  # only a reference cycle keeps the iterator: nothing shuts its workers down
+cfg = DataConfig(train_shards=sys.argv[1], image_size=32, batch_size=8, num_workers=2)
+it = iter(make_train_loader(cfg, seed=0))
+next(it)
+cycle = {"it": it}
+cycle["self"] = cycle
+del it, cycle
+"""
+
+
+def test_interpreter_exits_with_loader_workers_still_running(sample_shards, tmp_path):
+    # Workers ignore SIGTERM (SLURM preemption); multiprocessing's exit handler would SIGTERM and
+    # then join them forever. The reader's exit handler must end them first.
+    script = tmp_path / "exit_with_workers.py"
+    script.write_text(EXIT_WITH_LIVE_WORKERS)
+    proc = subprocess.run([sys.executable, str(script), str(sample_shards["train"])],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
