@@ -21,11 +21,10 @@ from torch import nn
 from lsdr_repr import distributed as dist
 from lsdr_repr.augment import build_augment
 from lsdr_repr.checkpoint import (
-    CheckpointWriter,
-    NullCheckpointWriter,
     capture_rng_state,
     find_latest_valid,
     load_latest,
+    make_checkpoint_writer,
     restore_rng_state,
 )
 from lsdr_repr.config import Config, config_to_dict, dump_config
@@ -145,7 +144,6 @@ class Trainer:
         self.nonfinite_total = 0
         self.skipped_samples = 0
         self.wandb_run_id: str | None = None
-        self.resumed_from: Path | None = None
         self._save_failed = False  # report a failing periodic save once, not at every interval
         self._last_projection: torch.Tensor | None = None
         resume_path, resume_state = load_latest(self.run_dir) or (None, None)
@@ -157,11 +155,7 @@ class Trainer:
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-        self.writer = (
-            CheckpointWriter(self.run_dir, keep=cfg.train.keep_checkpoints)
-            if is_main
-            else NullCheckpointWriter()
-        )
+        self.writer = make_checkpoint_writer(self.run_dir, cfg.train.keep_checkpoints, self.rank)
         self.tracker = make_tracker(
             cfg.log, self.config_dict, self.run_dir, self.rank, run_id=self.wandb_run_id
         )
@@ -193,7 +187,6 @@ class Trainer:
                 "resume exactly, the data stream and random state start afresh",
                 path, state.get("world_size"), self.world_size,
             )
-        self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step)
 
     def _checkpoint_state(self) -> dict:
