@@ -36,9 +36,11 @@ With `--jobs N` the (arm, seed) runs go N at a time, each in its own process (a 
 leaves a GPU mostly idle, so several runs share it). Writes OUT/quality_<split>.json (every
 run and the aggregates), OUT/quality_<split>.md (the tables) and OUT/*.png (plots).
 
-Default size: 9 arms x 3 seeds x 400 steps x batch 256 took 169 s on one H100 with --jobs 9
-(benchmarks/RESULTS.md, "Representation quality"). What the embedded data can show: 1078
-training images of 10 digit classes at 48 px, a few minutes of training: differences of a few
+Default size: 1600 steps x batch 256 per run (at 400 steps VICReg's probe was still 5-6 points
+below its 1600-step value); 5 arms x 3 seeds took 238 s on one H100 with --jobs 15, about 3
+minutes per run with 15 sharing the GPU (benchmarks/RESULTS.md, "Representation quality").
+What the embedded data can show: 1078 training images of 10 digit classes at 48 px, a few
+minutes of training: differences of a few
 points between objectives are within the seed spread, and nothing here speaks for natural images
 at ImageNet scale; use --image-folder for that.
 """
@@ -114,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="val",
                    help="held-out split(s) evaluated: val, test or val,test (the same trained "
                    "backbones on both); tune on val, read test once per reported configuration")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=256, help="global batch (images)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps/10)")
     p.add_argument("--augment", default="lsdr-invariance",

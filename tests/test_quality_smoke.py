@@ -24,16 +24,15 @@ def test_quality_script_reports_every_arm_on_cpu(tmp_path, sample_shards, capsys
         "--device", "cpu", "--split", "val,test", "--seeds", "0,1", "--steps", "2", "--batch", "16",
         "--image-size", "24", "--crop", "16", "--workers", "0", "--jobs", "1",
         "--arms", "lsdr,random,vicreg@vicreg",
-        "--arm", ("lsdr-l4=lsdr model.stages=[4] objective.layer_weights=[0.5] "
-                  "objective.layer_decorrelation=correlation "
-                  "objective.layer_invariance_weights=[1]"),
+        "--arm", ("lsdr-s23=lsdr model.stages=[2,3] objective.layer_weights=[0.5,0.5] "
+                  "objective.layer_invariance_weights=[]"),
         "--strengths", "0.5,1", "--max-invariance-images", "24", "--max-eval-samples", "64",
         "--weight-decays", "1e-3", "--set", "model.projector=[32,32]",
         "augment.blur.kernel_size=3",
     ])
     assert code == 0
     report = json.loads((out / "quality_val.json").read_text())
-    labels = ["lsdr", "random", "vicreg@vicreg", "lsdr-l4"]
+    labels = ["lsdr", "random", "vicreg@vicreg", "lsdr-s23"]
     assert [a["label"] for a in report["arms"]] == labels
     assert len(report["runs"]) == 8 and not [r for r in report["runs"] if "error" in r]
     for run in report["runs"]:
@@ -54,7 +53,9 @@ def test_quality_script_reports_every_arm_on_cpu(tmp_path, sample_shards, capsys
     vicreg = by_arm["vicreg@vicreg"]["config"]
     assert vicreg["objective"]["name"] == "vicreg" and vicreg["model"]["stages"] == []
     assert vicreg["objective"]["decorrelation_weight"] == 1.0  # the reference, whatever LSDR's
-    assert "loss/invariance_stage4" in by_arm["lsdr-l4"]["final_losses"]
+    assert "loss/invariance_stage4" in by_arm["lsdr"]["final_losses"]
+    assert "loss/decorrelation_stage2" in by_arm["lsdr-s23"]["final_losses"]
+    assert "loss/invariance_stage2" not in by_arm["lsdr-s23"]["final_losses"]
     assert by_arm["lsdr"]["config"]["optim"] == vicreg["optim"]
     agg = report["aggregate"]
     for label in labels:
