@@ -37,12 +37,12 @@ leaves a GPU mostly idle, so several runs share it). Writes OUT/quality_<split>.
 run and the aggregates), OUT/quality_<split>.md (the tables) and OUT/*.png (plots).
 
 Default size: 1600 steps x batch 256 per run (at 400 steps VICReg's probe was still 5-6 points
-below its 1600-step value); 5 arms x 3 seeds took 238 s on one H100 with --jobs 15, about 3
-minutes per run with 15 sharing the GPU (benchmarks/RESULTS.md, "Representation quality").
-What the embedded data can show: 1078 training images of 10 digit classes at 48 px, a few
-minutes of training: differences of a few
-points between objectives are within the seed spread, and nothing here speaks for natural images
-at ImageNet scale; use --image-folder for that.
+below its 1600-step value); the reported table (5 arms x 3 seeds) took 238 s on one H100 with
+--jobs 15, about 3 minutes per run with 15 sharing the GPU (benchmarks/RESULTS.md,
+"Representation quality"). What the embedded data can show: 1078 training images of 10 digit
+classes at 48 px, a few minutes of training: differences of a few points between objectives are
+within the seed spread, and nothing here speaks for natural images at ImageNet scale; use
+--image-folder for that.
 """
 
 from __future__ import annotations

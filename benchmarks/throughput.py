@@ -828,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                 target["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         trainer.tracker.finish()
     finally:
+        # Drop the DDP-wrapped models before leaving the group: gloo/NCCL objects that outlive
+        # destroy_process_group abort the process at exit (lsdr_repr.distributed.cleanup).
+        trainer = models = augs = None
         dist.cleanup()
 
     if not is_main:

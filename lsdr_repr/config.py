@@ -153,7 +153,7 @@ class ModelConfig:
     arch: str = "resnet50"  # any timm model name
     projector: list[int] = field(default_factory=lambda: [8192, 8192, 8192])  # VICReg's
     projector_bn: bool = True
-    stages: list[int] = field(default_factory=list)  # backbone stages for layer-wise decorrelation
+    stages: list[int] = field(default_factory=list)  # backbone stages for the layer-wise terms
     grad_checkpointing: bool = False
     channels_last: bool = True
     drop_path_rate: float = 0.0

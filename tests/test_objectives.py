@@ -19,6 +19,7 @@ from lsdr_repr.objectives import (
     LossOutput,
     LSDRLoss,
     VICRegLoss,
+    batch_standardize,
     build_objective,
     correlation_decorrelation_loss,
     covariance,
@@ -150,6 +151,11 @@ def test_covariance_layer_term_vanishes_by_shrinking_scale_free_terms_do_not(shr
         assert abs(scale.grad.item()) * shrink < 1e-9
     zero = torch.zeros(8, 4, dtype=torch.float64)  # a dead stage: zero, not NaN
     assert correlation_decorrelation_loss(zero).item() == 0.0
+    # A constant (not zero) stage: centring leaves a rounding remainder that must not be divided
+    # by ~sqrt(tiny) (it gave 1e26 in float32); bounded by sqrt(N) per entry instead.
+    const = torch.full((64, 8), 1.7)
+    assert batch_standardize(const, relative=True).abs().max().item() <= 8.0
+    assert standardized_invariance_loss([const, const * 1.01]).item() <= 4 * 64
     assert standardized_invariance_loss([zero, zero]).item() == 0.0
 
 
