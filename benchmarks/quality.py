@@ -75,7 +75,7 @@ log = logging.getLogger("quality")
 RECIPE = ["optim.name=lars", "optim.lr=0.3", "optim.base_batch_size=256",
           "optim.lars_trust=0.02", "optim.weight_decay=0.0001"]
 NO_STAGES = ["model.stages=[]", "objective.layer_weights=[]",
-             "objective.layer_invariance_weights=[]"]
+             "objective.layer_invariance_weights=[]", "objective.layer_variance_weights=[]"]
 # Built-in arms: objective name and overrides on top of the base config. The baselines pin their
 # published coefficients, so a change of LSDR's defaults never changes them.
 ARMS: dict[str, tuple[str | None, list[str]]] = {

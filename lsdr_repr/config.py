@@ -176,6 +176,8 @@ class ObjectiveConfig:
     layer_decorrelation: Literal["covariance", "correlation"] = "covariance"
     # invariance on the standardised pooled stages, one weight per model.stages entry ([] = off)
     layer_invariance_weights: list[float] = field(default_factory=list)
+    # scale-free variance hinge on the pooled stages (each feature's std vs the stage's rms)
+    layer_variance_weights: list[float] = field(default_factory=list)
     barlow_lambda: float = 0.0051  # Barlow Twins off-diagonal weight
 
 

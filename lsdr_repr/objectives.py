@@ -99,6 +99,18 @@ def standardized_invariance_loss(views: Sequence[Tensor], eps: float = STAGE_EPS
     return invariance_loss([batch_standardize(z, eps, relative=True) for z in views])
 
 
+def relative_variance_loss(z: Tensor, eps: float = STAGE_EPS) -> Tensor:
+    """z [N, D] -> scalar: mean_j relu(1 - std_j / rms_std), a variance hinge relative to the
+    stage's own scale (rms_std = sqrt(mean_j Var(z_j))): zero when every feature's std reaches the
+    stage's rms, so the variance cannot pile up in a few features while the scale-free terms
+    ignore the rest. Scale-free like them; an all-zero z gives 0 (nothing to compare)."""
+    var = (z - z.mean(dim=0)).square().mean(dim=0)
+    tiny = torch.finfo(var.dtype).tiny
+    mean_var = var.mean()
+    std = torch.sqrt(var + eps * mean_var + tiny)
+    return F.relu(1 - std / torch.sqrt(mean_var * (1 + eps) + tiny)).mean()
+
+
 def batch_standardize(z: Tensor, eps: float = 1e-5, relative: bool = False) -> Tensor:
     """z [N, D] -> [N, D]: (z - mean) / sqrt(biased var + eps), i.e. BatchNorm1d(D, affine=False)
     in training mode. relative: eps becomes eps x the mean feature variance (+ the dtype's
@@ -159,7 +171,8 @@ LAYER_DECORRELATION = {
 
 class LSDRLoss(nn.Module):
     """LSDR (DESIGN.md): inv_w * invariance + var_w * variance + dec_w * decorrelation
-    + sum_k w_k * layer_decorrelation(stage k) + sum_k u_k * layer_invariance(stage k).
+    + sum_k w_k * layer_decorrelation(stage k) + sum_k u_k * layer_invariance(stage k)
+    + sum_k r_k * layer_variance(stage k).
 
     invariance: mean over view pairs of the MSE; variance and decorrelation: mean over views of
     the per-view term, with the biased (1/N) statistics of DESIGN.md; stage terms: the
@@ -167,7 +180,9 @@ class LSDRLoss(nn.Module):
     (layer_decorrelation="covariance") or on batch-standardised features ("correlation", which
     a network cannot meet by shrinking the stage); layer invariance (option, weights u_k, empty =
     off): the invariance term on the batch-standardised pooled stage, which needs that stage's
-    decorrelation beside it (alone, every feature copies one invariant direction).
+    decorrelation beside it (alone, every feature copies one invariant direction); layer variance
+    (option, weights r_k): `relative_variance_loss`, the floor that keeps the scale-free terms
+    from being met by piling the variance into a few features.
     (VICReg sums its covariance term over its two branches: at V = 2, LSDR's
     decorrelation_weight 2 weighs it as VICReg's 1 does.)"""
 
@@ -182,6 +197,7 @@ class LSDRLoss(nn.Module):
         stage_labels: Sequence[int] | None = None,
         layer_decorrelation: str = "covariance",
         layer_invariance_weights: Sequence[float] = (),
+        layer_variance_weights: Sequence[float] = (),
     ) -> None:
         super().__init__()
         if layer_decorrelation not in LAYER_DECORRELATION:
@@ -189,12 +205,13 @@ class LSDRLoss(nn.Module):
                               f"{' | '.join(LAYER_DECORRELATION)}, got {layer_decorrelation!r}")
         self.layer_decorrelation = layer_decorrelation
         self.layer_invariance_weights = list(layer_invariance_weights)
-        if self.layer_invariance_weights and len(self.layer_invariance_weights) != len(
-                list(layer_weights)):
-            raise ConfigError(f"objective.layer_invariance_weights has "
-                              f"{len(self.layer_invariance_weights)} entries but "
-                              f"objective.layer_weights has {len(list(layer_weights))}: give one "
-                              f"per stage (or none)")
+        self.layer_variance_weights = list(layer_variance_weights)
+        for key, weights in (("layer_invariance_weights", self.layer_invariance_weights),
+                             ("layer_variance_weights", self.layer_variance_weights)):
+            if weights and len(weights) != len(list(layer_weights)):
+                raise ConfigError(f"objective.{key} has {len(weights)} entries but "
+                                  f"objective.layer_weights has {len(list(layer_weights))}: give "
+                                  f"one per stage (or none)")
         self.invariance_weight = invariance_weight
         self.variance_weight = variance_weight
         self.decorrelation_weight = decorrelation_weight
@@ -235,6 +252,10 @@ class LSDRLoss(nn.Module):
                     layer_inv = standardized_invariance_loss(hs)
                     total = total + self.layer_invariance_weights[k] * layer_inv
                     terms[f"invariance_stage{label}"] = layer_inv
+                if self.layer_variance_weights:
+                    layer_var = torch.stack([relative_variance_loss(h) for h in hs]).mean()
+                    total = total + self.layer_variance_weights[k] * layer_var
+                    terms[f"variance_stage{label}"] = layer_var
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
 
 
@@ -313,10 +334,13 @@ def build_objective(objective_cfg: ObjectiveConfig, stages: Sequence[int] | None
             stage_labels=list(stages) if stages is not None else None,
             layer_decorrelation=objective_cfg.layer_decorrelation,
             layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
+            layer_variance_weights=list(objective_cfg.layer_variance_weights),
         )
-    if objective_cfg.layer_weights or objective_cfg.layer_invariance_weights:
-        raise ConfigError(f"objective.layer_weights and objective.layer_invariance_weights are "
-                          f"only used by objective.name=lsdr, not {name}")
+    if (objective_cfg.layer_weights or objective_cfg.layer_invariance_weights
+            or objective_cfg.layer_variance_weights):
+        raise ConfigError(f"objective.layer_weights, layer_invariance_weights and "
+                          f"layer_variance_weights are only used by objective.name=lsdr, not "
+                          f"{name}")
     if name == "vicreg":
         return VICRegLoss(
             sim_coeff=objective_cfg.invariance_weight,

@@ -29,6 +29,7 @@ from lsdr_repr.objectives import (
     embedding_diagnostics,
     invariance_loss,
     off_diagonal,
+    relative_variance_loss,
     standardized_invariance_loss,
     variance_loss,
 )
@@ -127,6 +128,30 @@ def test_scale_free_layer_terms_match_formulas():
     assert standardized_invariance_loss([a, b]).item() == pytest.approx(2 - 2 * corr, rel=1e-3)
 
 
+def test_relative_variance_matches_formula_and_is_scale_free():
+    # mean_j relu(1 - std_j / rms_std): features at the stage's rms scale cost nothing, a feature
+    # at a tenth of it costs about 0.9 / D, whatever the overall scale of the stage.
+    z = _rand(128, 6, seed=8, dtype=torch.float64) * torch.tensor(
+        [1.0, 1.0, 1.0, 1.0, 0.1, 3.0], dtype=torch.float64)
+    zn = z.numpy()
+    var = ((zn - zn.mean(0)) ** 2).mean(0)
+    std = np.sqrt(var + 1e-4 * var.mean())
+    expected = np.maximum(0.0, 1 - std / np.sqrt(var.mean() * (1 + 1e-4))).mean()
+    assert relative_variance_loss(z).item() == pytest.approx(expected, rel=1e-12)
+    assert expected > 0.1
+    for shrink in (1e-4, 1e3):
+        assert relative_variance_loss(z * shrink).item() == pytest.approx(expected, rel=1e-9)
+    equal = _rand(128, 6, seed=9, dtype=torch.float64)
+    equal = (equal - equal.mean(0)) / equal.std(0, correction=0)  # every feature at the rms
+    assert relative_variance_loss(equal).item() < 1e-4
+    assert relative_variance_loss(torch.zeros(8, 3)).item() == 0.0
+    # the gradient raises the small feature and has no component along the overall scale
+    w = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    relative_variance_loss(z * w).backward()
+    assert w.grad[4].item() < 0
+    assert abs((w.grad * w.detach()).sum().item()) < 1e-12
+
+
 @pytest.mark.parametrize("shrink", [1e-2, 1e-4])
 def test_covariance_layer_term_vanishes_by_shrinking_scale_free_terms_do_not(shrink):
     # Why the scale-free stage terms exist: a stage scaled down (which the next BatchNorm undoes)
@@ -179,10 +204,19 @@ def test_lsdr_correlation_stages_and_layer_invariance():
     assert out.terms["invariance_stage2"].item() == pytest.approx(inv2, rel=1e-10)
     assert out.terms["invariance_stage4"].item() == pytest.approx(inv4, rel=1e-10)
     assert out.terms["decorrelation_stage4"].item() == pytest.approx(dec4, rel=1e-10)
+    with_floor = LSDRLoss(3.0, 5.0, 7.0, layer_weights=[0.5, 0.25], stage_labels=[2, 4],
+                          layer_decorrelation="correlation", layer_invariance_weights=[0.0, 2.0],
+                          layer_variance_weights=[0.0, 4.0])
+    out_floor = with_floor(projections, stages)
+    var4 = np.mean([relative_variance_loss(view[1]).item() for view in stages])
+    assert var4 > 0
+    assert out_floor.terms["variance_stage4"].item() == pytest.approx(var4, rel=1e-12)
+    assert out_floor.total.item() == pytest.approx(expected + 4.0 * var4, rel=1e-10)
     cfg = ObjectiveConfig(layer_weights=[0.5], layer_decorrelation="correlation",
-                          layer_invariance_weights=[1.5])
+                          layer_invariance_weights=[1.5], layer_variance_weights=[2.5])
     built = build_objective(cfg, stages=[4])
     assert built.layer_decorrelation == "correlation" and built.layer_invariance_weights == [1.5]
+    assert built.layer_variance_weights == [2.5]
 
 
 def test_layer_option_errors():
@@ -191,6 +225,12 @@ def test_layer_option_errors():
     with pytest.raises(ConfigError, match="layer_invariance_weights has 1 entries but "
                                           "objective.layer_weights has 2"):
         build_objective(ObjectiveConfig(layer_weights=[1.0, 1.0], layer_invariance_weights=[1.0]))
+    with pytest.raises(ConfigError, match="layer_variance_weights has 3 entries but "
+                                          "objective.layer_weights has 2"):
+        build_objective(ObjectiveConfig(layer_weights=[1.0, 1.0],
+                                        layer_variance_weights=[1.0, 1.0, 1.0]))
+    with pytest.raises(ConfigError, match="only used by objective.name=lsdr, not barlow"):
+        build_objective(ObjectiveConfig(name="barlow", layer_variance_weights=[1.0]))
     with pytest.raises(ConfigError, match="only used by objective.name=lsdr, not vicreg"):
         build_objective(ObjectiveConfig(name="vicreg", layer_invariance_weights=[1.0]))
 

@@ -25,6 +25,7 @@ VIT = [
     "model.arch=vit_tiny_patch16_224", "model.timm_kwargs={img_size: 32, patch_size: 8}",
     "model.projector=[64, 64]", "model.projector_bn=false", "model.stages=[1, 2]",
     "objective.layer_weights=[0.5, 0.5]", "objective.layer_invariance_weights=[0.0, 1.0]",
+    "objective.layer_variance_weights=[0.0, 1.0]",
 ]
 
 
