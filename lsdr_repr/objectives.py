@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,11 +104,19 @@ def relative_variance_loss(z: Tensor, eps: float = STAGE_EPS) -> Tensor:
     stage's own scale (rms_std = sqrt(mean_j Var(z_j))): zero when every feature's std reaches the
     stage's rms, so the variance cannot pile up in a few features while the scale-free terms
     ignore the rest. Scale-free like them; an all-zero z gives 0 (nothing to compare)."""
-    var = (z - z.mean(dim=0)).square().mean(dim=0)
-    tiny = torch.finfo(var.dtype).tiny
-    mean_var = var.mean()
-    std = torch.sqrt(var + eps * mean_var + tiny)
-    return F.relu(1 - std / torch.sqrt(mean_var * (1 + eps) + tiny)).mean()
+    floored = _relative_floor(_biased_variance(z - z.mean(dim=0)), eps)
+    return F.relu(1 - torch.sqrt(floored / floored.mean())).mean()
+
+
+def _biased_variance(centred: Tensor) -> Tensor:
+    """centred [N, D] (batch mean already subtracted) -> [D]: the 1/N variance of each feature."""
+    return centred.square().mean(dim=0)
+
+
+def _relative_floor(var: Tensor, eps: float) -> Tensor:
+    """var [D] -> [D]: var + eps x mean(var), plus the dtype's smallest normal so an all-zero stage
+    gives 0 / tiny = 0, not NaN."""
+    return var + eps * var.mean() + torch.finfo(var.dtype).tiny
 
 
 def batch_standardize(z: Tensor, eps: float = 1e-5, relative: bool = False) -> Tensor:
@@ -120,10 +128,8 @@ def batch_standardize(z: Tensor, eps: float = 1e-5, relative: bool = False) -> T
     The variance is taken from the same centred tensor that is divided, so a constant feature
     (exactly zero variance, a rounding remainder after centring) stays bounded by sqrt(N)."""
     centred = z - z.mean(dim=0)
-    var = centred.square().mean(dim=0)
-    if relative:
-        eps = eps * var.mean() + torch.finfo(var.dtype).tiny
-    return centred / torch.sqrt(var + eps)
+    var = _biased_variance(centred)
+    return centred / torch.sqrt(_relative_floor(var, eps) if relative else var + eps)
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
@@ -147,6 +153,11 @@ def _global(z: Tensor) -> Tensor:
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
     return all_gather_with_grad(z)
+
+
+def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> Tensor:
+    """term: [N, D] -> scalar; views: V x [N, D] -> the mean of the term over the views."""
+    return torch.stack([term(z) for z in views]).mean()
 
 
 def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = None) -> None:
@@ -206,20 +217,33 @@ class LSDRLoss(nn.Module):
         self.layer_decorrelation = layer_decorrelation
         self.layer_invariance_weights = list(layer_invariance_weights)
         self.layer_variance_weights = list(layer_variance_weights)
+        self.layer_weights = list(layer_weights)
         for key, weights in (("layer_invariance_weights", self.layer_invariance_weights),
                              ("layer_variance_weights", self.layer_variance_weights)):
-            if weights and len(weights) != len(list(layer_weights)):
+            if weights and len(weights) != len(self.layer_weights):
                 raise ConfigError(f"objective.{key} has {len(weights)} entries but "
-                                  f"objective.layer_weights has {len(list(layer_weights))}: give "
+                                  f"objective.layer_weights has {len(self.layer_weights)}: give "
                                   f"one per stage (or none)")
         self.invariance_weight = invariance_weight
         self.variance_weight = variance_weight
         self.decorrelation_weight = decorrelation_weight
         self.gamma = gamma
         self.eps = eps
-        self.layer_weights = list(layer_weights)
         labels = range(len(self.layer_weights)) if stage_labels is None else stage_labels
         self.stage_labels = list(labels)
+
+    def _stage_terms(self) -> list[tuple[str, list[float], Callable[[list[Tensor]], Tensor]]]:
+        """(name, one weight per stage, V x [N, C] -> scalar) for each layer-wise term in use."""
+        layer_dec = LAYER_DECORRELATION[self.layer_decorrelation]
+        stage_terms = [("decorrelation", self.layer_weights,
+                        lambda hs: _mean_over_views(layer_dec, hs))]
+        if self.layer_invariance_weights:
+            stage_terms.append(("invariance", self.layer_invariance_weights,
+                                standardized_invariance_loss))
+        if self.layer_variance_weights:
+            stage_terms.append(("variance", self.layer_variance_weights,
+                                lambda hs: _mean_over_views(relative_variance_loss, hs)))
+        return stage_terms
 
     def forward(
         self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
@@ -237,25 +261,18 @@ class LSDRLoss(nn.Module):
         with _float32(projections[0].device):
             zs = [_global(z) for z in projections]
             inv = invariance_loss(zs)
-            var = torch.stack([variance_loss(z, self.gamma, self.eps) for z in zs]).mean()
-            dec = torch.stack([decorrelation_loss(z) for z in zs]).mean()
+            var = _mean_over_views(lambda z: variance_loss(z, self.gamma, self.eps), zs)
+            dec = _mean_over_views(decorrelation_loss, zs)
             total = (self.invariance_weight * inv + self.variance_weight * var
                      + self.decorrelation_weight * dec)
             terms = {"invariance": inv, "variance": var, "decorrelation": dec}
-            layer_dec = LAYER_DECORRELATION[self.layer_decorrelation]
-            for k, (weight, label) in enumerate(zip(self.layer_weights, self.stage_labels)):
+            stage_terms = self._stage_terms()
+            for k, label in zip(range(len(self.layer_weights)), self.stage_labels):
                 hs = [_global(v[k]) for v in per_view]
-                layer = torch.stack([layer_dec(h) for h in hs]).mean()
-                total = total + weight * layer
-                terms[f"decorrelation_stage{label}"] = layer
-                if self.layer_invariance_weights:
-                    layer_inv = standardized_invariance_loss(hs)
-                    total = total + self.layer_invariance_weights[k] * layer_inv
-                    terms[f"invariance_stage{label}"] = layer_inv
-                if self.layer_variance_weights:
-                    layer_var = torch.stack([relative_variance_loss(h) for h in hs]).mean()
-                    total = total + self.layer_variance_weights[k] * layer_var
-                    terms[f"variance_stage{label}"] = layer_var
+                for name, weights, term in stage_terms:
+                    value = term(hs)
+                    total = total + weights[k] * value
+                    terms[f"{name}_stage{label}"] = value
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
 
 
