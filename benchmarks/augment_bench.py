@@ -11,7 +11,13 @@ device, the uint8 -> float conversion included):
 - ours-eager/<config>: GpuAugment eagerly, for `equivalent` (the same ops as the kornia row, no
   gamma / white balance / zoom-out) and the `lsdr-invariance` and `vicreg` (bicubic) presets;
 - ours-compiled/<config>: the same with `compile=True` (each view's sampling + rendering one
-  torch.compile graph); on by default on CUDA, `--compile off` skips it.
+  torch.compile graph); on by default on CUDA, `--compile off` skips it;
+- impl/<variant>: the `lsdr-invariance` preset compiled with each stage through Kornia's
+  functionals or the fused maths (`GpuAugment(impl=...)`): `default` (augment_ops.DEFAULT_IMPL),
+  `all-kornia`, `all-fused`, one stage swapped at a time, and `old` (every stage fused and the
+  reflection fill only: the path before Kornia). The cost of the Kornia version of a stage is
+  its row minus the row with that stage fused (the rule: a custom op stays only where Kornia
+  costs more than 1 ms per step).
 Timing: CUDA events around each call after warm-up (the first compiled calls compile), or
 perf_counter with a synchronize on other devices. Stages: the eager pipeline with a CUDA event
 after each stage (`GpuAugment.stage_hook`), and kornia module by module. The table goes to
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 
 from lsdr_repr.augment import build_augment
+from lsdr_repr.augment_ops import DEFAULT_IMPL, STAGES
 from lsdr_repr.config import AugmentConfig, config_from_dict
 
 
@@ -53,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compiled rows (auto: on for CUDA only: inductor on CPU is slow to build)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--no-kornia", action="store_true", help="skip the kornia rows")
+    p.add_argument("--impl-study", choices=["auto", "on", "off"], default="auto",
+                   help="compiled kornia-vs-fused rows per stage (auto: on with --compile)")
     p.add_argument("--out", default="bench_out", help="folder for augment_bench.json")
     return p.parse_args(argv)
 
@@ -113,6 +122,21 @@ def make_kornia(cfg: AugmentConfig, device: torch.device) -> tuple[list, Callabl
         return [pipe(x) for pipe in pipes]
 
     return pipes, run
+
+
+def impl_variants(cfg: AugmentConfig) -> dict[str, tuple[AugmentConfig, dict[str, str]]]:
+    """{variant: (config, impl)} of the kornia-vs-fused study (see the module docstring)."""
+    import dataclasses
+
+    fused = {stage: "fused" for stage in STAGES}
+    variants = {"default": (cfg, dict(DEFAULT_IMPL)),
+                "all-kornia": (cfg, {stage: "kornia" for stage in STAGES}),
+                "all-fused": (cfg, fused)}
+    for stage in STAGES:
+        other = "fused" if DEFAULT_IMPL[stage] == "kornia" else "kornia"
+        variants[f"{stage}={other}"] = (cfg, {**DEFAULT_IMPL, stage: other})
+    variants["old"] = (dataclasses.replace(cfg, fill=["reflection"]), fused)
+    return variants
 
 
 class Clock:
@@ -247,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows[f"ours-compiled/{name}"] = time_calls(
                     functools.partial(aug, images), device, args.iters, max(args.warmup, 3)
                 )
+
+    study = args.impl_study == "on" or (args.impl_study == "auto" and compile_on)
+    if study:
+        with torch.no_grad():
+            for name, (cfg, impl) in impl_variants(configs["lsdr-invariance"]).items():
+                aug = build_augment(cfg, compile=compile_on, compile_mode=args.compile_mode,
+                                    impl=impl).to(device)
+                rows[f"impl/{name}"] = {**time_calls(functools.partial(aug, images), device,
+                                                     args.iters, max(args.warmup, 3)),
+                                        "impl": impl}
 
     report = {
         "args": vars(args),

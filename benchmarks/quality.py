@@ -68,12 +68,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 log = logging.getLogger("quality")
 
-# The optimiser of every arm: LARS as in the config, with solo-learn's small-data settings for
-# VICReg/Barlow on CIFAR (lr 0.3 at batch 256, trust coefficient eta 0.02, weight decay 1e-4).
-# With the ImageNet trust coefficient 0.001 a weight moves by at most lr * 0.001 of its norm per
-# step: a run of a few hundred steps barely leaves its initialisation (projector std stayed ~0.3).
-RECIPE = ["optim.name=lars", "optim.lr=0.3", "optim.base_batch_size=256",
-          "optim.lars_trust=0.02", "optim.weight_decay=0.0001"]
+# Every product arm trains with the config's recipe (optimiser, augmentations, model), so the
+# arms differ only in their objective unless an arm's overrides say otherwise.
 NO_STAGES = ["model.stages=[]", "objective.layer_weights=[]",
              "objective.layer_invariance_weights=[]", "objective.layer_variance_weights=[]"]
 # Built-in arms: objective name and overrides on top of the base config. The baselines pin their
@@ -87,13 +83,22 @@ ARMS: dict[str, tuple[str | None, list[str]]] = {
                                       "objective.gamma=1.0", "objective.eps=0.0001"]),
     "barlow": ("barlow", NO_STAGES + ["objective.barlow_lambda=0.0051"]),
     "random": (None, []),
+    # external references (benchmarks/references.py): no product code trains them
+    "pixels": ("ref:pixels", []),
+    "supervised": ("ref:supervised", []),
+    "plain-vicreg": ("ref:plain-vicreg", []),
 }
-DEFAULT_ARMS = "lsdr,lsdr-nolayer,vicreg,barlow,random,vicreg@vicreg,lsdr@vicreg"
+DEFAULT_ARMS = "lsdr,vicreg,barlow,plain-vicreg,pixels,supervised,random"
 # Columns of the summary table: (key in a run's metrics, header).
-SUMMARY = [("linear_top1", "linear top-1"), ("knn_top1", "kNN top-1"),
-           ("retrieval/lighting", "lighting"), ("retrieval/rotation", "rotation"),
-           ("retrieval/zoom_in", "zoom in"), ("retrieval/zoom_out", "zoom out"),
-           ("retrieval/combined", "combined"), ("rankme", "RankMe")]
+SUMMARY = [("linear_top1", "linear"), ("knn_top1", "kNN"),
+           ("retrieval/brightness@0.6", "bright x0.6"),
+           ("retrieval/rotate/zeros@30", "rot 30 zeros"),
+           ("retrieval/rotate/reflection@30", "rot 30 refl"),
+           ("retrieval/zoom_out/zeros@0.7", "zoom-out 0.7 zeros"),
+           ("retrieval/zoom_out/reflection@0.7", "zoom-out 0.7 refl"),
+           ("retrieval/combined/zeros@30/0.7/0.6", "combined zeros"),
+           ("retrieval/combined/reflection@30/0.7/0.6", "combined refl"),
+           ("rankme", "RankMe")]
 
 
 @dataclass
@@ -123,7 +128,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="augmentation preset of every arm without @PRESET")
     p.add_argument("--image-size", type=int, default=64, help="side S of the loader's images")
     p.add_argument("--crop", type=int, default=48, help="side R of the views and the evaluation")
-    p.add_argument("--data", choices=("digits", "digits-photos"), default="digits")
+    p.add_argument("--data", choices=("digits", "digits-photos", "fashion-mnist"),
+                   default="digits")
+    p.add_argument("--fashion-dir", default="/usr/share/datasets/fashion-mnist",
+                   help="Fashion-MNIST idx files (apt-get install dataset-fashion-mnist)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N images of each Fashion-MNIST split (smoke runs)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the shards")
     p.add_argument("--image-folder", default=None, help="class-per-subfolder images to use")
     p.add_argument("--train", default=None, help="labelled train shards (with --val/--test)")
     p.add_argument("--val", default=None)
@@ -134,9 +145,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=3, help="train loader workers per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
-    p.add_argument("--strengths", default="0.25,0.5,1.0",
-                   help="invariance strengths (1: 180 degrees, zoom x3, the lighting preset edge)")
-    p.add_argument("--max-invariance-images", type=int, default=512)
+    p.add_argument("--max-invariance-images", type=int, default=2000,
+                   help="first N held-out images: the originals retrieval searches among")
+    p.add_argument("--knn-k", type=int, default=5)
     p.add_argument("--max-eval-samples", type=int, default=None,
                    help="first N images of each split for the probes (smoke runs)")
     p.add_argument("--weight-decays", default=None,
@@ -158,7 +169,8 @@ def parse_arms(args: argparse.Namespace) -> list[Arm]:
             raise SystemExit(f"--arm {text!r}: expected 'LABEL=BASE[@PRESET] key=value ...'")
         arms.append(_arm(label.strip(), parts[0], parts[1:]))
     for arm in arms:
-        arm.preset = None if arm.objective is None else (arm.preset or args.augment)
+        product = arm.objective is not None and not arm.objective.startswith("ref:")
+        arm.preset = (arm.preset or args.augment) if product else None
     labels = [a.label for a in arms]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"--arms/--arm: duplicate labels in {labels}")
@@ -170,8 +182,8 @@ def _arm(label: str, base_spec: str, extra: list[str]) -> Arm:
     if base not in ARMS:
         raise SystemExit(f"arm {label!r}: unknown base {base!r} (known: {', '.join(ARMS)})")
     objective, overrides = ARMS[base]
-    if objective is None and (preset or extra):
-        raise SystemExit(f"arm {label!r}: the random-init arm takes no preset or overrides")
+    if (objective is None or objective.startswith("ref:")) and (preset or extra):
+        raise SystemExit(f"arm {label!r}: {base} takes no preset or overrides")
     return Arm(label, objective, preset or None, [*overrides, *extra])
 
 
@@ -183,6 +195,17 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], 
             raise SystemExit("--train, --val and --test go together")
         return {"train": args.train, "val": args.val, "test": args.test}, "given shards"
     data_dir = Path(args.data_dir) if args.data_dir else work / "data"
+    if args.data == "fashion-mnist":
+        from data_pipelines.fashion_mnist import write_fashion_mnist_shards
+
+        splits = write_fashion_mnist_shards(
+            data_dir / f"fashion-mnist-q{args.jpeg_quality}", root=Path(args.fashion_dir),
+            limit=args.limit, quality=args.jpeg_quality)
+        what = ("Fashion-MNIST (Debian dataset-fashion-mnist: 28x28 grey product photos padded "
+                f"to 32x32 RGB, JPEG q{args.jpeg_quality}); train 55,000 / val 5,000 carved "
+                "from the official train set / test = the official 10,000"
+                + (f", first {args.limit} of each" if args.limit else ""))
+        return {k: str(v) for k, v in splits.items()}, what
     if args.image_folder:
         return folder_shards(Path(args.image_folder), data_dir / "folder"), (
             f"image folder {args.image_folder}")
@@ -235,16 +258,18 @@ def job_overrides(job: dict[str, Any]) -> list[str]:
         f"data.val_shards={job['splits']['val']}", f"data.test_shards={job['splits']['test']}",
         f"data.image_size={job['image_size']}", f"data.batch_size={job['batch']}",
         f"data.num_workers={job['workers']}", f"augment.crop_size={job['crop']}",
-        f"augment.preset={job['preset']}", f"train.total_steps={steps}",
+        f"train.total_steps={steps}",
         f"train.seed={job['seed']}", f"train.device={job['device']}",
         f"optim.warmup_steps={warmup}", f"train.checkpoint_every={steps}",
         "train.keep_checkpoints=1", "train.eval_every=0", "train.image_grid_every=0",
         "train.spectrum_every=0", f"train.log_every={max(1, min(50, steps))}",
         "log.wandb.mode=disabled", "log.progress=false",
     ]
-    if job["objective"] is not None:
+    if job["preset"] is not None:
+        over.append(f"augment.preset={job['preset']}")
+    if job["objective"] is not None and not job["objective"].startswith("ref:"):
         over.append(f"objective.name={job['objective']}")
-    return over + RECIPE + job["set"] + job["overrides"]
+    return over + job["set"] + job["overrides"]
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +286,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                               "config": config_to_dict(cfg)}
     device = resolve_device(job["device"])
     started = time.perf_counter()
-    if job["objective"] is None:
+    if job["objective"] is not None and job["objective"].startswith("ref:"):
+        backbone, result["train_s"] = train_reference(job, cfg, device)
+    elif job["objective"] is None:
         shell = TrainedBackbone(backbone=None, arch=cfg.model.arch, image_size=cfg.augment.crop_size,
                                 mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std),
                                 config=cfg)
@@ -287,6 +314,29 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def train_reference(job: dict[str, Any], cfg, device) -> tuple[Any, float]:
+    """A reference row's feature module (benchmarks/references.py), trained on the train split
+    held in memory at the view size."""
+    import torch
+
+    from lsdr_repr.evaluate import iter_images, normalize_images
+
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from references import build_reference
+
+    xs, ys = [], []
+    size = cfg.augment.crop_size
+    for images, labels, _ in iter_images(job["splits"]["train"], cfg.data.image_size, 512, 0):
+        x01 = normalize_images(images, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        xs.append((x01.clamp(0, 1) * 255).round().to(torch.uint8))
+        ys.append(labels.long())
+    images, labels = torch.cat(xs).to(device), torch.cat(ys).to(device)
+    return build_reference(job["objective"][4:], images, labels, arch=cfg.model.arch,
+                           steps=job["steps"], batch=job["batch"], seed=job["seed"],
+                           mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std))
+
+
 def last_losses(run_dir: Path) -> dict[str, Any]:
     """The loss terms and diagnostics of the last logged step (tracking.read_run_log)."""
     from lsdr_repr.tracking import read_run_log
@@ -307,7 +357,7 @@ def evaluate(backbone, cfg, splits: dict[str, str], eval_splits: list[str], devi
     from lsdr_repr.evaluate import extract_features
 
     size, mean, std = cfg.augment.crop_size, cfg.augment.mean, cfg.augment.std
-    kw = {"device": device, "num_workers": 0, "max_samples": job["max_eval_samples"]}
+    kw = {"device": device, "num_workers": 2, "max_samples": job["max_eval_samples"]}
     tr = extract_features(backbone, splits["train"], size, mean, std, **kw).labelled("train")
     return {split: _evaluate_split(backbone, tr, splits[split], split, size, mean, std, device,
                                    job) for split in eval_splits}
@@ -315,37 +365,35 @@ def evaluate(backbone, cfg, splits: dict[str, str], eval_splits: list[str], devi
 
 def _evaluate_split(backbone, tr, data: str, split: str, size: int, mean, std, device,
                     job: dict[str, Any]) -> dict[str, Any]:
-    from lsdr_repr import probes
+    from lsdr_repr import invariance, probes
     from lsdr_repr.evaluate import (
-        FAMILIES,
         embedding_rank,
         extract_features,
         invariance_table,
         load_images01,
     )
 
-    kw = {"device": device, "num_workers": 0, "max_samples": job["max_eval_samples"]}
+    kw = {"device": device, "num_workers": 2, "max_samples": job["max_eval_samples"]}
     ev = extract_features(backbone, data, size, mean, std, **kw).labelled(split)
     num_classes = int(max(tr.y.max(), ev.y.max())) + 1
     wds = job["weight_decays"] or probes.DEFAULT_WEIGHT_DECAYS
-    # The probes run on the CPU copies: L-BFGS on a [1078, 512] problem is launch-bound on a
-    # GPU (seconds per fit when several runs share it), ~0.2 s per fit on one core.
-    lin = probes.linear_probe(tr.x, tr.y, ev.x, ev.y, num_classes=num_classes, weight_decays=wds)
-    knn = probes.knn_accuracy(tr.x, tr.y, ev.x, ev.y, num_classes=num_classes)
+    # The probes run on the GPU when there is one (a [55000, 512] problem), else on the CPU.
+    dev = device if str(device).startswith("cuda") else "cpu"
+    lin = probes.linear_probe(tr.x.to(dev), tr.y.to(dev), ev.x.to(dev), ev.y.to(dev),
+                              num_classes=num_classes, weight_decays=wds)
+    knn = probes.knn_accuracy(tr.x.to(dev), tr.y.to(dev), ev.x.to(dev), ev.y.to(dev),
+                              k=job["knn_k"], num_classes=num_classes)
     rank = embedding_rank(ev.x)
     images = load_images01(data, size, job["max_invariance_images"], num_workers=0)
     backbone.eval()
-    table = invariance_table(backbone, images.to(device), mean, std, FAMILIES,
-                             job["strengths"], seed=0)
+    # Kornia's transforms, zero and reflection fill; features standardised by the train split's
+    table = invariance_table(backbone, images.to(device), mean, std,
+                             reference=tr.x[:20000].to(device))
     metrics = {"linear_top1": lin.top1, "linear_weight_decay": lin.weight_decay,
                "knn_top1": knn["top1"], "rankme": rank["rankme"],
                "numerical_rank": rank["numerical_rank"], "num_train": len(tr.y),
-               "num_eval": len(ev.y), "num_invariance_images": len(images)}
-    for family, row in table.items():
-        # one number per family: retrieval top-1 averaged over the strengths
-        metrics[f"retrieval/{family}"] = statistics.fmean(c["retrieval_top1"] for c in row.values())
-        metrics[f"cosine_centered/{family}"] = statistics.fmean(
-            c["cosine_centered"] for c in row.values())
+               "num_eval": len(ev.y), "num_invariance_images": len(images),
+               **invariance.headline(table)}
     return {"metrics": metrics, "invariance": table}
 
 
@@ -360,7 +408,6 @@ def parse_splits(text: str) -> list[str]:
 def make_jobs(args: argparse.Namespace, arms: list[Arm], splits: dict[str, str],
               work: Path) -> list[dict[str, Any]]:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     wds = [float(s) for s in args.weight_decays.split(",")] if args.weight_decays else None
     config = str(Path(args.config).resolve())
     eval_splits = parse_splits(args.split)
@@ -371,12 +418,12 @@ def make_jobs(args: argparse.Namespace, arms: list[Arm], splits: dict[str, str],
             name = f"{arm.label}-s{seed}".replace("@", "_at_")
             jobs.append({
                 "label": arm.label, "objective": arm.objective,
-                "preset": arm.preset or args.augment, "overrides": arm.overrides,
+                "preset": arm.preset, "overrides": arm.overrides,
                 "seed": seed, "config": config, "run_dir": str(work / "runs" / name),
                 "splits": splits, "eval_splits": eval_splits, "steps": args.steps,
                 "batch": args.batch, "warmup": args.warmup, "image_size": args.image_size,
                 "crop": args.crop, "workers": args.workers, "device": args.device,
-                "set": list(args.set), "strengths": strengths,
+                "set": list(args.set), "knn_k": args.knn_k,
                 "max_invariance_images": args.max_invariance_images,
                 "max_eval_samples": args.max_eval_samples, "weight_decays": wds,
                 "keep_runs": args.keep_runs, "name": name,
@@ -449,12 +496,9 @@ def _one_line(res: dict[str, Any]) -> str:
     m = scores["metrics"]
     losses = " ".join(f"{k[5:]}={v:.4g}" for k, v in res.get("final_losses", {}).items()
                       if k.startswith("loss/") and isinstance(v, float))
-    return (f"{res['arm']} seed {res['seed']} ({split}): linear {m['linear_top1']:.3f} kNN "
-            f"{m['knn_top1']:.3f} rot {m['retrieval/rotation']:.3f} zin "
-            f"{m['retrieval/zoom_in']:.3f} zout {m['retrieval/zoom_out']:.3f} comb "
-            f"{m['retrieval/combined']:.3f} light {m['retrieval/lighting']:.3f} rankme "
-            f"{m['rankme']:.1f} (train {res.get('train_s', 0):.0f}s, eval "
-            f"{res.get('eval_s', 0):.0f}s) {losses}")
+    cells = " ".join(f"{name}={m[key]:.3f}" for key, name in SUMMARY if key in m)
+    return (f"{res['arm']} seed {res['seed']} ({split}): {cells} (train "
+            f"{res.get('train_s', 0):.0f}s, eval {res.get('eval_s', 0):.0f}s) {losses}")
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -489,7 +533,10 @@ def markdown_table(agg: dict[str, dict[str, Any]], arms: list[Arm]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in arms:
         entry = agg[arm.label]
-        cells = [arm.label, arm.objective or "(untrained)", arm.preset or "-",
+        kind = arm.objective or "(untrained)"
+        own = kind.startswith("ref:") or arm.objective is None
+        cells = [arm.label, kind.replace("ref:", "reference: "),
+                 "-" if own else (arm.preset or "config"),
                  str(len(entry["seeds"]))]
         for key, _ in SUMMARY:
             if key not in entry:
@@ -508,8 +555,11 @@ def plot(agg: dict[str, dict[str, Any]], arms: list[Arm], out: Path, split: str)
     from matplotlib.figure import Figure
 
     paths = []
-    families = ["lighting", "rotation", "zoom_in", "zoom_out", "combined"]
-    fig = Figure(figsize=(13, 3.0))
+    families = list(next((agg[a.label]["retrieval_curves"] for a in arms
+                          if agg[a.label]["retrieval_curves"]), {}))
+    if not families:
+        return paths
+    fig = Figure(figsize=(2.2 * len(families), 3.0))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(families), sharey=True)
     for ax, family in zip(axes, families):
@@ -517,9 +567,8 @@ def plot(agg: dict[str, dict[str, Any]], arms: list[Arm], out: Path, split: str)
             curve = agg[arm.label]["retrieval_curves"].get(family)
             if not curve:
                 continue
-            xs = [float(s) for s in curve]
-            ax.plot(xs, list(curve.values()), marker="o", ms=3, label=arm.label,
-                    ls="--" if arm.objective is None else "-")
+            ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=arm.label,
+                    ls="-" if arm.preset else "--")
         ax.set_title(family, fontsize=9)
         ax.set_xlabel("strength", fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -557,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     out = Path(args.out)
     if args.job:  # one run in its own process (--jobs N)
         job = json.loads(Path(args.job).read_text())
@@ -610,9 +660,11 @@ def write_report(args: argparse.Namespace, split: str, arms: list[Arm],
         "arms": [vars(a) for a in arms], "aggregate": agg, "runs": runs, "table": table,
     }
     (out / f"quality_{split}.json").write_text(json.dumps(report, indent=1) + "\n")
-    legend = (f"linear / kNN: top-1 on the {split} split (probes fitted on train); lighting ... "
-              "combined: retrieval top-1 of a transformed copy among the originals, mean over "
-              f"strengths {args.strengths}; mean ± sample std over seeds {args.seeds}")
+    legend = (f"linear / {args.knn_k}-NN: top-1 on the {split} split (probes fitted on train); "
+              "the other columns: retrieval top-1 of a transformed copy among the first "
+              f"{args.max_invariance_images} {split} originals (cosine of train-standardised "
+              "features; Kornia's rotate / scale / brightness, zero or reflection fill); "
+              f"mean ± sample std over seeds {args.seeds}")
     (out / f"quality_{split}.md").write_text(
         f"data: {data_what}; split: {split}; {args.steps} steps x batch {args.batch}\n\n"
         f"{legend}\n\n{table}\n")

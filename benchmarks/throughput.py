@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -77,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "gpu:full:on:compiled::cg",
                    help="end-to-end variants decode:shards:overlap:augment[:workers[:model]], "
                    "comma separated (decode cpu|gpu, shards full|shrunk, overlap on|off, "
-                   "augment eager|compiled, workers: empty for the default, model "
+                   "augment eager|compiled|old (old: the fused ops before Kornia), workers: "
+                   "empty for the default, model "
                    "default|eager|cg)")
     p.add_argument("--loader-rows", default="cpu:full,cpu:shrunk,gpu:full,gpu:shrunk",
                    help="loader-alone rows decode:shards[:workers]")
@@ -670,7 +672,7 @@ def parse_variant(text: str, args: argparse.Namespace) -> dict:
     decode, shards, overlap, aug = parts[:4]
     model = parts[5] if len(parts) == 6 else "default"
     if (decode not in ("cpu", "gpu") or shards not in ("full", "shrunk")
-            or overlap not in ("on", "off") or aug not in ("eager", "compiled")
+            or overlap not in ("on", "off") or aug not in ("eager", "compiled", "old")
             or model not in ("default", "eager", "cg")):
         raise SystemExit(f"--variants: bad value in {text!r}")
     workers = int(parts[4]) if len(parts) >= 5 and parts[4] else (
@@ -777,6 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         augs = {"eager": eager_aug}
         if device.type == "cuda":
             augs["compiled"] = compiled_aug
+            # the path before Kornia: every stage fused, reflection fill only (same run, to
+            # compare; augment variant "old")
+            augs["old"] = build_augment(
+                dataclasses.replace(cfg.augment, fill=["reflection"]), compile=True,
+                impl={"warp": "fused", "color": "fused", "blur": "fused"}).to(device)
         for name, aug in augs.items():
             guarded(rows, "augment", name, lambda aug=aug: measure_augment(
                 aug, images, steps, 3, trainer.aug_generator))

@@ -15,31 +15,41 @@ Per view and per sample (all probabilities are masks over the batch, never Pytho
 - scale: random resized crop (torchvision's rule: up to 10 draws of area fraction and
   log-uniform aspect, the first that fits; otherwise the whole image); with `zoom_out_p` the view
   instead shows the whole image shrunk by a log-uniform factor in `zoom_out`, placed at a random
-  offset, the rest of the view filled by reflection;
-- rotation: uniform in [-degrees, degrees] with probability p. Border 'reflection' reads mirrored
-  content where rotated corners leave the image; border 'crop' shrinks the view (about its
-  centre, then re-centres it) until its rotated footprint lies inside the image, so no view
-  pixel comes from outside (zoomed-out views keep their size and use reflection);
+  offset, the rest of the view filled by the view's border fill (below);
+- rotation: uniform in [-degrees, degrees] with probability p. Border 'fill' shows the border
+  fill where rotated corners leave the image; border 'crop' shrinks the view (about its centre,
+  then re-centres it) until its rotated footprint lies inside the image, so no view pixel comes
+  from outside (zoomed-out views keep their size and their fill);
+- border fill (`fill`, a list drawn from uniformly per sample): 'zeros', 'reflection' (mirrored
+  content), 'replicate' (alias 'border': the edge pixels), 'random' (a random colour per
+  sample) or a gray level in [0, 1]. A mixture keeps the embedding from tying its invariance to
+  one kind of border (real rotations, letterboxing and padding produce all kinds);
 - horizontal flip;
 - lighting with probability p: gamma (log-uniform in [1/(1+g), 1+g]), white balance (red/blue
   gains e^{+-t}, t uniform in [-temperature, temperature]), brightness, contrast, saturation
   (torchvision's ranges: uniform in [max(0, 1-s), 1+s]), hue (uniform in [-h, h] turns);
 - grayscale; gaussian blur (sigma uniform in `blur.sigma` pixels of the view, truncated at
   `kernel_size // 2` pixels, reflect borders); solarize (values >= threshold inverted);
+- then any `kornia.augmentation` modules listed in `augment.kornia` (all views, or `views:`);
 - normalisation with mean/std; on CUDA the views are channels_last.
 
-Speed: crop, zoom, rotation and flip are one `affine_grid + grid_sample` per view (composed 2x3
-matrices); the colour steps are one 3x3 matrix plus an offset per sample (one batched matmul);
-the blur is two batched matmuls by dense [R,R] reflect-Gaussian matrices (tensor cores in fp16
-on GPUs, so its cost does not depend on the kernel size); solarize and normalisation are one
-elementwise pass that writes the channels_last float32 output. Parameters come from one
-`torch.rand(B, NUM_UNIFORMS)` per view followed by pure tensor maths (`sample_view`), so with
-`compile=True` each view (sampling + rendering) is one `torch.compile`d graph. The maths lives in
-`lsdr_repr.augment_ops`. kornia's `AugmentationSequential` is the slow reference
-(`benchmarks/augment_bench.py`); kornia's functionals are the numerical references in the tests.
-
-Invariance evaluation: `transform_family(images, family, strength)` applies one family
-(lighting, rotation, scale, zoom_in, zoom_out or combined) at a fixed strength.
+What runs where. Kornia's functionals with our per-sample parameters: gamma
+(`kornia.enhance.adjust_gamma`), solarize (`kornia.enhance.solarize`), and any
+`kornia.augmentation` module the config lists. Kornia's versions of the other stages are here
+too, selected per stage by `GpuAugment(impl=...)` and checked against the fused ones in the
+tests: the lighting chain (`adjust_brightness_accumulative`, `adjust_contrast_with_mean_
+subtraction`, `adjust_saturation_with_gray_subtraction`, `adjust_hue`, `kornia.color.
+rgb_to_grayscale`), the blur (`kornia.filters.gaussian_blur2d`) and the warp (`kornia.geometry.
+transform.warp_affine`, one call per fill kind). By default those three stay custom
+(`augment_ops.DEFAULT_IMPL`), because the same-run benchmark (`benchmarks/augment_bench.py`,
+benchmarks/RESULTS.md) measured Kornia's versions 4.8 ms (colour + blur) and 2.8 ms (warp with
+a fill mixture) slower per ResNet-50 step than the fused ones: crop, zoom, rotation and flip are
+one `affine_grid + grid_sample` per view for any fill mixture; the colour chain is one 3x3 matrix
+plus an offset per sample; the blur is two batched matmuls by dense reflect-Gaussian matrices;
+white balance has no Kornia functional. Parameters come from one `torch.rand(B, NUM_UNIFORMS)`
+per view followed by pure tensor maths (`sample_view`), so with `compile=True` each view
+(sampling + rendering) is one `torch.compile`d graph. The `augment.kornia` modules run eagerly
+after it.
 """
 
 from __future__ import annotations
@@ -50,16 +60,23 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lsdr_repr import kornia_ops
 from lsdr_repr.augment_ops import (
+    DEFAULT_IMPL,
+    FILL_COLOR,
+    FILL_REFLECTION,
+    FILL_REPLICATE,
     LUMA,
+    STAGES,
+    Impl,
+    RenderSpec,
     StageHook,
     affine_theta,
-    color_transform,
     fit_inside,
     footprint_area,
     render,
@@ -76,22 +93,13 @@ _AREA = slice(0, CROP_TRIES)
 _RATIO = slice(CROP_TRIES, 2 * CROP_TRIES)
 (
     _CX, _CY, _SCALE, _ZOOM, _ZOOM_F, _ZCX, _ZCY, _ROT, _ANGLE, _FLIP, _LIGHT,
-    _BRI, _CON, _SAT, _HUE, _GAM, _TEMP, _GRAY, _BLUR, _SIGMA, _SOLAR,
-) = range(2 * CROP_TRIES, 2 * CROP_TRIES + 21)
-NUM_UNIFORMS = 2 * CROP_TRIES + 21
+    _BRI, _CON, _SAT, _HUE, _GAM, _TEMP, _GRAY, _BLUR, _SIGMA, _SOLAR, _FILL,
+) = range(2 * CROP_TRIES, 2 * CROP_TRIES + 22)
+_FILL_RGB = slice(2 * CROP_TRIES + 22, 2 * CROP_TRIES + 25)
+NUM_UNIFORMS = 2 * CROP_TRIES + 25
 
-Family = Literal["lighting", "rotation", "scale", "zoom_in", "zoom_out", "combined"]
-FAMILIES: tuple[str, ...] = ("lighting", "rotation", "scale", "zoom_in", "zoom_out", "combined")
-
-# What `transform_family` does at strength 1 (it scales linearly in angle and in log factor):
-# rotation by 180 degrees; zoom by a factor 3 (in: a central crop of a third of the side, about
-# RRC's smallest 0.08 area; out: the image at a third of the view side); lighting with brightness,
-# contrast, saturation and gamma factors 1.5 or 1/1.5, hue 0.1 turn, white balance t = 0.3 (the
-# edges of the lsdr-invariance preset).
-FAMILY_MAX = {
-    "degrees": 180.0, "zoom": 3.0, "brightness": 1.5, "contrast": 1.5, "saturation": 1.5,
-    "hue": 0.1, "gamma": 1.5, "temperature": 0.3,
-}
+# Names of `augment.fill` entries (besides a gray level in [0, 1]).
+FILL_NAMES = ("zeros", "reflection", "replicate", "border", "random")
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -108,6 +116,7 @@ class ViewSpec:
     rotation_p: float
     degrees: float
     border: str
+    fill: tuple[str | float, ...]
     flip_p: float
     lighting_p: float
     brightness: float
@@ -123,6 +132,7 @@ class ViewSpec:
     solarize_p: float
     solarize_threshold: float
     interpolation: str
+    impl: tuple[tuple[str, str], ...] = tuple(sorted(DEFAULT_IMPL.items()))
 
     @property
     def has_gamma(self) -> bool:
@@ -141,38 +151,61 @@ class ViewSpec:
     def has_solarize(self) -> bool:
         return self.solarize_p > 0
 
+    def render_spec(self, out_hw: tuple[int, int] | None = None) -> RenderSpec:
+        return RenderSpec(
+            out_hw=out_hw or (self.out_size, self.out_size), has_gamma=self.has_gamma,
+            has_color=self.has_color, has_blur=self.has_blur, has_solarize=self.has_solarize,
+            blur_radius=self.blur_radius, solarize_threshold=self.solarize_threshold,
+            interpolation=self.interpolation,
+            fill_kinds=tuple(sorted({fill_entry(f)[0] for f in self.fill})), impl=self.impl,
+        )
+
+
+def fill_entry(entry: str | float) -> tuple[int, float | None]:
+    """One `augment.fill` entry -> (FILL_* kind, gray level; None = a random colour per sample)."""
+    if isinstance(entry, (int, float)):
+        return FILL_COLOR, float(entry)
+    return {"zeros": (FILL_COLOR, 0.0), "reflection": (FILL_REFLECTION, 0.0),
+            "replicate": (FILL_REPLICATE, 0.0), "border": (FILL_REPLICATE, 0.0),
+            "random": (FILL_COLOR, None)}[entry]
+
 
 @dataclass
 class ViewParams:
     """The sampled parameters of one view; `GpuAugment.apply(images, params)` replays it.
 
     Tensors have the batch first: theta [B,2,3] (view -> source, normalised coordinates),
-    gamma [B], color [B,3,3], offset [B,3] (contrast pull: offset . mean colour), blur_sigma [B]
-    (pixels of the view, 0 = no blur), solarize [B] (1.0 = solarized). angle [B] (degrees),
-    flip [B] (bool), area [B] (view footprint / image area; > 1 when zoomed out) and grayscale
-    [B] (bool) describe the sample for logging. The remaining fields are static.
+    gamma [B], lighting [B,6] (brightness, contrast, saturation, hue in turns, white-balance
+    temperature, grayscale 0/1), blur_sigma [B] (pixels of the view, 0 = no blur), solarize [B]
+    (1.0 = solarized), fill_kind [B] (augment_ops.FILL_*) and fill_color [B,3] (the border fill).
+    angle [B] (degrees), flip [B] (bool) and area [B] (view footprint / image area; > 1 when
+    zoomed out) describe the sample for logging. `spec` is the view's static description and
+    `kornia_params` the parameters the `augment.kornia` modules drew (replayed by `apply`).
     """
 
     theta: Tensor
     gamma: Tensor
-    color: Tensor
-    offset: Tensor
+    lighting: Tensor
     blur_sigma: Tensor
     solarize: Tensor
+    fill_kind: Tensor
+    fill_color: Tensor
     angle: Tensor
     flip: Tensor
     area: Tensor
-    grayscale: Tensor
-    out_size: tuple[int, int]
-    has_gamma: bool = True
-    has_color: bool = True
-    has_blur: bool = True
-    has_solarize: bool = True
+    spec: ViewSpec
+    kornia_params: list[dict[str, Any] | None] = dataclasses.field(default_factory=list)
 
     TENSORS = (
-        "theta", "gamma", "color", "offset", "blur_sigma", "solarize", "angle", "flip", "area",
-        "grayscale",
+        "theta", "gamma", "lighting", "blur_sigma", "solarize", "fill_kind", "fill_color",
+        "angle", "flip", "area",
     )
+    RENDERED = 7  # the first seven tensors are what `render` reads
+
+    @property
+    def grayscale(self) -> Tensor:
+        """[B] bool: samples turned gray."""
+        return self.lighting[:, 5] > 0.5
 
     def tensors(self) -> tuple[Tensor, ...]:
         return tuple(getattr(self, name) for name in self.TENSORS)
@@ -183,27 +216,29 @@ class ViewParams:
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[Tensor], spec: ViewSpec) -> ViewParams:
-        return cls(
-            *tensors,
-            out_size=(spec.out_size, spec.out_size),
-            has_gamma=spec.has_gamma,
-            has_color=spec.has_color,
-            has_blur=spec.has_blur,
-            has_solarize=spec.has_solarize,
-        )
+        return cls(*tensors, spec=spec)
 
     @classmethod
     def identity(
-        cls, batch: int, out_size: int | tuple[int, int], device: torch.device | str = "cpu"
+        cls, batch: int, out_size: int, device: torch.device | str = "cpu",
+        fill: tuple[str | float, ...] = ("reflection",),
     ) -> ViewParams:
         """Parameters that show the whole image unchanged: a base to edit for hand-made views."""
         zeros = torch.zeros(batch, device=device)
-        eye = torch.eye(2, 3, device=device).expand(batch, 2, 3).clone()
+        neutral = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], device=device)
+        spec = ViewSpec(
+            out_size=out_size, scale_p=0.0, area=(1.0, 1.0), aspect=(1.0, 1.0), zoom_out_p=0.0,
+            zoom_out=(1.0, 1.0), rotation_p=0.0, degrees=0.0, border="fill", fill=fill,
+            flip_p=0.0, lighting_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+            gamma=0.0, temperature=0.0, grayscale_p=0.0, blur_p=0.0, blur_sigma=(0.1, 0.1),
+            blur_radius=0, solarize_p=0.0, solarize_threshold=0.5, interpolation="bilinear",
+        )
+        kind, color = sample_fill(zeros, torch.zeros(batch, 3, device=device), fill)
         return cls(
-            theta=eye, gamma=zeros + 1.0, color=torch.eye(3, device=device).repeat(batch, 1, 1),
-            offset=torch.zeros(batch, 3, device=device), blur_sigma=zeros.clone(),
-            solarize=zeros.clone(), angle=zeros.clone(), flip=zeros.bool(), area=zeros + 1.0,
-            grayscale=zeros.bool(), out_size=_hw(out_size),
+            theta=torch.eye(2, 3, device=device).expand(batch, 2, 3).clone(), gamma=zeros + 1.0,
+            lighting=neutral.repeat(batch, 1), blur_sigma=zeros.clone(), solarize=zeros.clone(),
+            fill_kind=kind, fill_color=color, angle=zeros.clone(), flip=zeros.bool(),
+            area=zeros + 1.0, spec=spec,
         )
 
 
@@ -225,11 +260,29 @@ def _crop_fallback(aspect: tuple[float, float]) -> tuple[float, float]:
     return (1.0, 1.0 / ratio) if ratio >= 1.0 else (ratio, 1.0)
 
 
-def sample_view(u: Tensor, spec: ViewSpec, luma: Tensor) -> tuple[Tensor, ...]:
+def sample_fill(u: Tensor, rgb: Tensor, fill: Sequence[str | float]) -> tuple[Tensor, Tensor]:
+    """u [B] and rgb [B,3] uniforms -> fill_kind [B] (int64) and fill_color [B,3].
+
+    Entry i of `fill` is drawn with probability 1/len(fill); a 'random' entry takes rgb as its
+    colour. Static loop over the (few) entries: no data-dependent control flow.
+    """
+    pick = (u * len(fill)).long().clamp(max=len(fill) - 1)
+    kind = torch.zeros_like(pick)
+    color = torch.zeros_like(rgb)
+    for i, entry in enumerate(fill):
+        k, gray = fill_entry(entry)
+        chosen = pick == i
+        kind = torch.where(chosen, k, kind)
+        value = rgb if gray is None else torch.full_like(rgb, gray)
+        color = torch.where(chosen[:, None], value, color)
+    return kind, color
+
+
+def sample_view(u: Tensor, spec: ViewSpec) -> tuple[Tensor, ...]:
     """Turn uniforms u [B, NUM_UNIFORMS] into the ViewParams tensors of one view (pure maths).
 
-    Returns (theta, gamma, color, offset, blur_sigma, solarize, angle, flip, area, grayscale),
-    in ViewParams.TENSORS order. No data-dependent control flow: compiles to one fused graph.
+    Returns the tensors in ViewParams.TENSORS order. No data-dependent control flow: compiles
+    to one fused graph.
     """
     # random resized crop (extent = half width / height as a fraction of the source side)
     area = _uniform(u[:, _AREA], *spec.area)
@@ -269,19 +322,18 @@ def sample_view(u: Tensor, spec: ViewSpec, luma: Tensor) -> tuple[Tensor, ...]:
     def factor(col: int, strength: float) -> Tensor:
         return torch.where(lit, _uniform(u[:, col], max(0.0, 1.0 - strength), 1.0 + strength), 1.0)
 
-    bri = factor(_BRI, spec.brightness)
-    con = factor(_CON, spec.contrast)
-    sat = factor(_SAT, spec.saturation)
     hue = torch.where(lit, (2.0 * u[:, _HUE] - 1.0) * spec.hue, 0.0)
     gamma = torch.where(lit, torch.exp((2.0 * u[:, _GAM] - 1.0) * math.log1p(spec.gamma)), 1.0)
     temp = torch.where(lit, (2.0 * u[:, _TEMP] - 1.0) * spec.temperature, 0.0)
-    gray = u[:, _GRAY] < spec.grayscale_p
-    color, offset = color_transform(bri, con, sat, hue, temp, gray.to(u.dtype), luma)
+    gray = (u[:, _GRAY] < spec.grayscale_p).to(u.dtype)
+    lighting = torch.stack([factor(_BRI, spec.brightness), factor(_CON, spec.contrast),
+                            factor(_SAT, spec.saturation), hue, temp, gray], dim=1)
 
     blurred = u[:, _BLUR] < spec.blur_p
     sigma = torch.where(blurred, _uniform(u[:, _SIGMA], *spec.blur_sigma), 0.0)
     solar = (u[:, _SOLAR] < spec.solarize_p).to(u.dtype)
-    return theta, gamma, color, offset, sigma, solar, angle, flip, footprint, gray
+    fill_kind, fill_color = sample_fill(u[:, _FILL], u[:, _FILL_RGB], spec.fill)
+    return theta, gamma, lighting, sigma, solar, fill_kind, fill_color, angle, flip, footprint
 
 
 def _rand(
@@ -346,10 +398,14 @@ def check_augment_config(cfg: AugmentConfig) -> None:
         raise ConfigError(f"augment.lighting.hue: must be in [0, 0.5] turns, got {light.hue}")
     if cfg.rotation.degrees < 0:
         raise ConfigError(f"augment.rotation.degrees: must be >= 0, got {cfg.rotation.degrees}")
-    if cfg.rotation.border not in ("reflection", "crop"):
-        raise ConfigError(
-            f"augment.rotation.border: expected reflection | crop, got {cfg.rotation.border!r}"
-        )
+    if not cfg.fill:
+        raise ConfigError("augment.fill: needs at least one fill (e.g. [zeros, reflection])")
+    for i, entry in enumerate(cfg.fill):
+        if isinstance(entry, str) and entry not in FILL_NAMES:
+            raise ConfigError(f"augment.fill[{i}]: unknown fill {entry!r} (known: "
+                              f"{', '.join(FILL_NAMES)}, or a gray level in [0, 1])")
+        if not isinstance(entry, str) and not 0.0 <= entry <= 1.0:
+            raise ConfigError(f"augment.fill[{i}]: a gray level must be in [0, 1], got {entry}")
     if not 0.0 <= cfg.solarize.threshold <= 1.0:
         raise ConfigError(
             f"augment.solarize.threshold: must be in [0, 1], got {cfg.solarize.threshold}"
@@ -363,7 +419,7 @@ def check_augment_config(cfg: AugmentConfig) -> None:
         )
 
 
-def view_spec(cfg: AugmentConfig, view_index: int) -> ViewSpec:
+def view_spec(cfg: AugmentConfig, view_index: int, impl: Impl | None = None) -> ViewSpec:
     """The static description of view `view_index` (globals first, then local crops)."""
     total = cfg.num_views + cfg.local_crops
     if not 0 <= view_index < total:
@@ -378,7 +434,8 @@ def view_spec(cfg: AugmentConfig, view_index: int) -> ViewSpec:
         zoom_out=tuple(cfg.scale.zoom_out),
         rotation_p=cfg.rotation.p,
         degrees=cfg.rotation.degrees,
-        border=cfg.rotation.border,
+        border="crop" if cfg.rotation.border == "crop" else "fill",
+        fill=tuple(cfg.fill),
         flip_p=cfg.flip_p,
         lighting_p=cfg.lighting.p,
         brightness=cfg.lighting.brightness,
@@ -394,21 +451,19 @@ def view_spec(cfg: AugmentConfig, view_index: int) -> ViewSpec:
         solarize_p=cfg.solarize.p[view_index % len(cfg.solarize.p)],
         solarize_threshold=cfg.solarize.threshold,
         interpolation=cfg.interpolation,
+        impl=tuple(sorted({**DEFAULT_IMPL, **(impl or {})}.items())),
     )
 
 
 # ---------------------------------------------------------------------------------- module
 def _view_graph(
-    images: Tensor, u: Tensor, luma: Tensor, scale: Tensor, bias: Tensor, *,
+    images: Tensor, u: Tensor, luma: Tensor, scale: Tensor | None, bias: Tensor | None, *,
     spec: ViewSpec, channels_last: bool, blur_dtype: torch.dtype,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Sampling + rendering of one view as one function: what `compile=True` compiles."""
-    tensors = sample_view(u, spec, luma)
+    tensors = sample_view(u, spec)
     view = render(
-        to_float01(images), *tensors[:6], out_hw=(spec.out_size, spec.out_size),
-        has_gamma=spec.has_gamma, has_color=spec.has_color, has_blur=spec.has_blur,
-        has_solarize=spec.has_solarize, blur_radius=spec.blur_radius,
-        solarize_threshold=spec.solarize_threshold, interpolation=spec.interpolation,
+        to_float01(images), *tensors[:ViewParams.RENDERED], spec=spec.render_spec(), luma=luma,
         norm_scale=scale, norm_bias=bias, channels_last=channels_last, blur_dtype=blur_dtype,
     )
     return view, tensors
@@ -419,7 +474,8 @@ class GpuAugment(nn.Module):
 
     compile: run each view (sampling + rendering) as one torch.compile'd graph (one graph per
     distinct view spec); compile_mode is passed to torch.compile. channels_last: output memory
-    format (None: channels_last on CUDA only). `stage_hook(name)` (eager only) is called after
+    format (None: channels_last on CUDA only). impl: kornia or fused per stage (augment_ops.
+    DEFAULT_IMPL; for benchmarks and tests). `stage_hook(name)` (eager only) is called after
     each stage, for profiling. The module has no parameters and no persistent state.
     """
 
@@ -430,11 +486,20 @@ class GpuAugment(nn.Module):
         compile: bool = False,
         compile_mode: str | None = None,
         channels_last: bool | None = None,
+        impl: Impl | None = None,
     ) -> None:
         super().__init__()
         check_augment_config(cfg)
+        unknown = set(impl or {}) - set(STAGES) or {
+            v for v in (impl or {}).values() if v not in ("kornia", "fused")}
+        if unknown:
+            raise ValueError(f"impl: unknown stage or implementation {sorted(unknown)}")
         self.cfg = cfg
-        self.specs = [view_spec(cfg, i) for i in range(cfg.num_views + cfg.local_crops)]
+        total = cfg.num_views + cfg.local_crops
+        self.specs = [view_spec(cfg, i, impl) for i in range(total)]
+        # (module, views) pairs: the augment.kornia list, applied after the built-in ops
+        self.kornia_ops = nn.ModuleList(kornia_ops.build(cfg.kornia))
+        self.kornia_views = [kornia_ops.views_of(entry, total) for entry in cfg.kornia]
         self.compile = compile
         self.compile_mode = compile_mode
         self.channels_last = channels_last
@@ -465,22 +530,27 @@ class GpuAugment(nn.Module):
         generator: torch.Generator | None = None,
         view_index: int = 0,
     ) -> ViewParams:
-        """Draw the parameters of view `view_index` for `batch_size` samples on `device`."""
+        """Draw the built-in parameters of view `view_index` for `batch_size` samples."""
         device = torch.device(device)
         spec = self.specs[view_index]
         u = _rand((batch_size, NUM_UNIFORMS), device, generator)
-        return ViewParams.from_tensors(sample_view(u, spec, self._consts(device)[0]), spec)
+        return ViewParams.from_tensors(sample_view(u, spec), spec)
 
     def apply(
         self, images: Tensor, params: ViewParams, out_size: int | tuple[int, int] | None = None
     ) -> Tensor:
         """Render one view of images (uint8 [B,3,S,S], or float in [0,1]) with given params.
 
-        Returns float32 [B,3,R,R] normalised (channels_last on CUDA). Pure tensor maths with no
-        data-dependent control flow: `torch.compile(aug.apply)` traces it as one graph.
+        Returns float32 [B,3,R,R] normalised (channels_last on CUDA); the `augment.kornia`
+        modules replay `params.kornia_params` when they are set. The built-in part is pure
+        tensor maths with no data-dependent control flow (`torch.compile` traces it).
         """
         self._check_images(images)
-        return self._render(to_float01(images), params, out_size)
+        hw = None if out_size is None else _hw(out_size)
+        if not params.kornia_params:
+            return self._render(to_float01(images), params, hw, normalize=True)
+        view = self._render(to_float01(images), params, hw, normalize=False)
+        return self._normalize(self._kornia(view, params, replay=True))
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """images uint8 [B,3,S,S] on any device -> list of num_views float32 [B,3,R,R] views."""
@@ -494,14 +564,19 @@ class GpuAugment(nn.Module):
             hook("to_float")
         for index, spec in enumerate(self.specs):
             u = _rand((batch, NUM_UNIFORMS), device, generator)
+            extra = any(index in v for v in self.kornia_views)
             if self.compile:
-                view, tensors = self._graph(spec, device)(images, u, luma, scale, bias)
+                norm = (None, None) if extra else (scale, bias)
+                view, tensors = self._graph(spec, device, extra)(images, u, luma, *norm)
                 p = ViewParams.from_tensors(tensors, spec)
             else:
-                p = ViewParams.from_tensors(sample_view(u, spec, luma), spec)
+                p = ViewParams.from_tensors(sample_view(u, spec), spec)
                 if hook is not None:
                     hook("sample")
-                view = self._render(source, p, None)
+                view = self._render(source, p, None, normalize=not extra)
+            if extra:
+                p.kornia_params = [None] * len(self.kornia_ops)
+                view = self._normalize(self._kornia(view, p, index=index))
             views.append(view)
             params.append(p)
         self.last_params = params
@@ -513,6 +588,27 @@ class GpuAugment(nn.Module):
         return (view.float() * std + mean).clamp(0.0, 1.0)
 
     # ---------------------------------------------------------------------------- helpers
+    def _kornia(self, view01: Tensor, params: ViewParams, index: int | None = None,
+                replay: bool = False) -> Tensor:
+        """The augment.kornia modules on a [0,1] view, recording (or replaying) their params."""
+        for i, (module, views) in enumerate(zip(self.kornia_ops, self.kornia_views)):
+            if replay:
+                saved = params.kornia_params[i]
+                if saved is not None:
+                    view01 = module(view01, params=saved)
+            elif index in views:
+                view01 = module(view01)
+                params.kornia_params[i] = module._params
+        if self.stage_hook is not None:
+            self.stage_hook("kornia")
+        return view01
+
+    def _normalize(self, view01: Tensor) -> Tensor:
+        _, scale, bias = self._consts(view01.device)
+        channels_last, _ = self._layout(view01.device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.addcmul(bias, view01.float(), scale).contiguous(memory_format=fmt)
+
     def _consts(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         if self.luma.device != device:
             self.to(device)  # buffers follow the images (they are a few floats)
@@ -524,25 +620,27 @@ class GpuAugment(nn.Module):
         return channels_last, blur_dtype
 
     def _render(
-        self, source: Tensor, params: ViewParams, out_size: int | tuple[int, int] | None
+        self, source: Tensor, params: ViewParams, out_hw: tuple[int, int] | None,
+        normalize: bool,
     ) -> Tensor:
-        _, scale, bias = self._consts(source.device)
+        luma, scale, bias = self._consts(source.device)
         channels_last, blur_dtype = self._layout(source.device)
         return render(
-            source, *params.tensors()[:6],
-            out_hw=params.out_size if out_size is None else _hw(out_size),
-            has_gamma=params.has_gamma, has_color=params.has_color, has_blur=params.has_blur,
-            has_solarize=params.has_solarize, blur_radius=self.cfg.blur.kernel_size // 2,
-            solarize_threshold=self.cfg.solarize.threshold,
-            interpolation=self.cfg.interpolation,
-            norm_scale=scale, norm_bias=bias, channels_last=channels_last,
-            blur_dtype=blur_dtype, hook=self.stage_hook,
+            source, *params.tensors()[:ViewParams.RENDERED],
+            spec=params.spec.render_spec(out_hw), luma=luma,
+            norm_scale=scale if normalize else None, norm_bias=bias if normalize else None,
+            channels_last=channels_last, blur_dtype=blur_dtype, hook=self.stage_hook,
         )
 
-    def _graph(self, spec: ViewSpec, device: torch.device):
+    def _graph(self, spec: ViewSpec, device: torch.device, extra: bool):
         channels_last, blur_dtype = self._layout(device)
-        key = (spec, channels_last, blur_dtype, device.type)
+        key = (spec, channels_last, blur_dtype, device.type, extra)
         if key not in self._graphs:
+            # Every view spec is a recompile of the one `_view_graph` code object; dynamo's
+            # default limit (8) is reached by a few augmenters in one process (a benchmark, a
+            # trainer and its evaluation) and then silently falls back to eager.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 8 * (len(self._graphs) + 1))
             fn = functools.partial(
                 _view_graph, spec=spec, channels_last=channels_last, blur_dtype=blur_dtype
             )
@@ -561,91 +659,5 @@ class GpuAugment(nn.Module):
 
 
 def build_augment(aug_cfg: AugmentConfig, **kwargs) -> GpuAugment:
-    """The augmentation module of a config (kwargs: compile, compile_mode, channels_last)."""
+    """The augmentation module of a config (kwargs: compile, compile_mode, channels_last, impl)."""
     return GpuAugment(aug_cfg, **kwargs)
-
-
-# ------------------------------------------------------------------- invariance evaluation
-def family_params(
-    batch: int,
-    family: str,
-    strength: float,
-    size: int | tuple[int, int],
-    device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
-    border: Literal["reflection", "crop"] = "reflection",
-) -> ViewParams:
-    """Parameters that change one invariance family by a fixed amount (see transform_family)."""
-    if family not in FAMILIES:
-        known = ", ".join(FAMILIES)
-        raise ConfigError(f"augment: unknown invariance family {family!r} (known: {known})")
-    if not 0.0 <= strength <= 1.0:
-        raise ConfigError(f"augment: family strength must be in [0, 1], got {strength}")
-    device = torch.device(device)
-    out_hw = _hw(size)
-    signs = torch.where(_rand((batch, 8), device, generator) < 0.5, -1.0, 1.0)
-    params = ViewParams.identity(batch, out_hw, device)
-    s = float(strength)
-    angle = torch.zeros(batch, device=device)
-    extent = torch.ones(batch, device=device)
-    if family in ("rotation", "combined"):
-        angle = signs[:, 0] * FAMILY_MAX["degrees"] * s
-    if family in ("scale", "zoom_in", "zoom_out", "combined"):
-        direction = {"zoom_in": 1.0, "zoom_out": -1.0}.get(family)
-        sign = signs[:, 1] if direction is None else torch.full_like(extent, direction)
-        extent = FAMILY_MAX["zoom"] ** (-s * sign)  # > 0 zooms in (a central crop)
-    theta = affine_theta(
-        torch.zeros(batch, 2, device=device), torch.stack([extent, extent], dim=1),
-        torch.deg2rad(angle), torch.zeros(batch, dtype=torch.bool, device=device),
-        aspect=out_hw[1] / out_hw[0],
-    )
-    if border == "crop":
-        theta = fit_inside(theta, keep=extent > 1.0)
-    params.theta, params.angle = theta, angle
-    params.area = footprint_area(theta)
-    if family in ("lighting", "combined"):
-        luma = torch.tensor(LUMA, device=device)
-
-        def fac(name: str, col: int) -> Tensor:
-            return FAMILY_MAX[name] ** (s * signs[:, col])
-
-        params.gamma = fac("gamma", 2)
-        params.color, params.offset = color_transform(
-            fac("brightness", 3), fac("contrast", 4), fac("saturation", 5),
-            signs[:, 6] * FAMILY_MAX["hue"] * s, signs[:, 7] * FAMILY_MAX["temperature"] * s,
-            torch.zeros(batch, device=device), luma,
-        )
-    params.has_blur = params.has_solarize = False
-    return params
-
-
-def transform_family(
-    images: Tensor,
-    family: Family,
-    strength: float,
-    generator: torch.Generator | None = None,
-    border: Literal["reflection", "crop"] = "reflection",
-) -> Tensor:
-    """Change one invariance family of float images [B,3,H,W] in [0,1] by a fixed amount.
-
-    strength in [0, 1] (0 = unchanged; 1 = the FAMILY_MAX amounts); directions (the sign of the
-    angle, zoom in or out, each lighting factor up or down) are drawn per sample from
-    `generator`, so a fixed generator seed gives the same transform every time.
-    - 'rotation': turn by +-180*s degrees about the centre; corners read mirrored content
-      ('reflection') or the image is enlarged until no corner leaves it ('crop').
-    - 'scale': zoom in (central crop, side / 3**s) or out (image at side / 3**s of the view,
-      reflection around it), each with probability 1/2; 'zoom_in' / 'zoom_out' pick one.
-    - 'lighting': gamma, brightness, contrast and saturation factors 1.5**(+-s), hue +-0.1*s
-      turn, white balance +-0.3*s (the chain of GpuAugment's lighting, without grayscale).
-    - 'combined': rotation, scale and lighting at once.
-    Returns float32 [B,3,H,W] in [0,1] (not normalised), the same size as the input.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise DataError(f"augment: expected images [B,3,H,W], got {tuple(images.shape)}")
-    x = to_float01(images)
-    size = (x.shape[2], x.shape[3])
-    p = family_params(x.shape[0], family, strength, size, x.device, generator, border)
-    return render(
-        x, *p.tensors()[:6], out_hw=p.out_size, has_gamma=p.has_gamma, has_color=p.has_color,
-        has_blur=False, has_solarize=False,
-    )

@@ -64,7 +64,9 @@ class ScaleAug:
 class RotationAug:
     p: float = 0.0
     degrees: float = 0.0  # uniform in [-degrees, degrees]
-    border: Literal["reflection", "crop"] = "reflection"
+    # fill: rotated corners show augment.fill; crop: the view shrinks until no corner leaves
+    # the image. "reflection" is the older name of "fill" (configs written before `fill`).
+    border: Literal["fill", "crop", "reflection"] = "fill"
 
 
 @dataclass
@@ -109,6 +111,11 @@ class AugmentConfig:
     solarize: SolarizeAug = field(default_factory=SolarizeAug)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # what a view shows outside the image (rotated corners, zoom-out), drawn per sample:
+    # zeros | reflection | replicate (= border) | random (a colour per sample) | a gray level
+    fill: list[str | float] = field(default_factory=lambda: ["reflection"])
+    # kornia.augmentation modules after the built-in ops: [{op: ClassName, <kwargs>, views: [0]}]
+    kornia: list[dict[str, Any]] = field(default_factory=list)
 
 
 # The presets are data: `augment.preset: vicreg` starts from these values; keys written in the
@@ -130,7 +137,9 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     # white balance on top of colour jitter.
     "lsdr-invariance": {
         "scale": {"p": 1.0, "area": [0.08, 1.0], "zoom_out_p": 0.3, "zoom_out": [1.0, 2.0]},
-        "rotation": {"p": 0.8, "degrees": 180.0, "border": "reflection"},
+        "rotation": {"p": 0.8, "degrees": 180.0, "border": "fill"},
+        # a mixture, so the learned invariance does not depend on one kind of border
+        "fill": ["zeros", "reflection", "replicate", "random"],
         "lighting": {
             "p": 0.9, "brightness": 0.5, "contrast": 0.5, "saturation": 0.3, "hue": 0.1,
             "gamma": 0.5, "temperature": 0.3,
@@ -139,6 +148,23 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "grayscale_p": 0.2,
         "blur": {"p": [1.0, 0.1]},
         "solarize": {"p": [0.0, 0.2]},
+    },
+    # Small images (28-64 px: Fashion-MNIST, digits): crops of half the image or more, rotation
+    # +-30 degrees with a fill mixture, brightness and contrast; no blur, solarize, grayscale,
+    # hue or flip. The best measured recipe on Fashion-MNIST (benchmarks/RESULTS.md,
+    # "Representation quality on Fashion-MNIST"): the BYOL-style presets destroy 28 px images.
+    "small-images": {
+        "scale": {"p": 1.0, "area": [0.5, 1.0], "zoom_out_p": 0.0},
+        "rotation": {"p": 1.0, "degrees": 30.0, "border": "fill"},
+        "fill": ["zeros", "reflection", "replicate", "random"],
+        "lighting": {
+            "p": 1.0, "brightness": 0.4, "contrast": 0.4, "saturation": 0.0, "hue": 0.0,
+            "gamma": 0.0, "temperature": 0.0,
+        },
+        "flip_p": 0.0,
+        "grayscale_p": 0.0,
+        "blur": {"p": [0.0]},
+        "solarize": {"p": [0.0]},
     },
 }
 
@@ -330,7 +356,12 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
             known = ", ".join(AUGMENT_PRESETS)
             raise ConfigError(f"{source}: augment.preset: unknown preset '{name}' (known: {known})")
         raw["augment"] = _deep_merge(AUGMENT_PRESETS[name], augment)
-    return _build(Config, raw, "", source)
+    cfg = _build(Config, raw, "", source)
+    if cfg.augment.kornia:  # kornia loads only for configs that name its modules
+        from lsdr_repr.kornia_ops import check_specs
+
+        check_specs(cfg.augment.kornia, source, cfg.augment.num_views + cfg.augment.local_crops)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

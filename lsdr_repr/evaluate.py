@@ -35,18 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsdr_repr import probes
+from lsdr_repr import invariance, probes
 from lsdr_repr.errors import ConfigError, DataError
 from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
 
 log = logging.getLogger(__name__)
 
-# The invariance table's rows: lighting, rotation, scale as its two directions, all at once
-# (lsdr_repr.augment.FAMILIES also has "scale", a per-image coin flip between zoom in and out).
-FAMILIES = ("lighting", "rotation", "zoom_in", "zoom_out", "combined")
-DEFAULT_STRENGTHS = (0.25, 0.5, 1.0)
+# The invariance table's families (lsdr_repr.invariance: Kornia's transforms, two fills).
+FAMILIES = tuple(invariance.LEVELS)
 INVARIANCE_LEGEND = ("cosine(image, transformed) / the same centred / retrieval top-1 of the "
-                     "transformed copy among the originals")
+                     "transformed copy among the originals (Kornia's rotate, scale and "
+                     "brightness; zero and reflection fill)")
 CACHE_VERSION = 1
 
 
@@ -338,45 +337,22 @@ def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str) -> Path:
     return path
 
 
-@torch.no_grad()
 def invariance_table(
     encoder: Callable[[torch.Tensor], torch.Tensor],
     images01: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
     families: Sequence[str] = FAMILIES,
-    strengths: Sequence[float] = DEFAULT_STRENGTHS,
-    seed: int = 0,
+    reference: torch.Tensor | None = None,
     batch_size: int = 128,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{family: {strength: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
-    images [B,3,R,R] -> [B,F].
-
-    Each image is embedded as is and after `augment.transform_family(family, strength)` (the
-    same seeded transformations for every encoder); the scores are `probes.invariance_scores`:
-    cosine, cosine_centered and retrieval_top1 among the N originals.
-    """
-    from lsdr_repr.augment import transform_family
-
+    """{row: {level: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
+    images [B,3,R,R] -> [B,F]: `lsdr_repr.invariance.invariance_table` (Kornia's transforms,
+    zero and reflection fill), features standardised by `reference` [M,F] when given."""
     size = images01.shape[-1]
-
-    def embed(x01: torch.Tensor) -> torch.Tensor:
-        return torch.cat([encoder(normalize_images(x01[i:i + batch_size], size, mean, std))
-                          .float() for i in range(0, len(x01), batch_size)])
-
-    z = embed(images01)
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for family in families:
-        table[family] = {}
-        for strength in strengths:
-            # One seed per cell: the same transformations whatever encoder is measured.
-            gen = torch.Generator(device=images01.device).manual_seed(seed)
-            transformed = torch.cat([
-                transform_family(images01[i:i + batch_size], family, float(strength), gen)
-                for i in range(0, len(images01), batch_size)
-            ])
-            table[family][f"{strength:g}"] = probes.invariance_scores(z, embed(transformed))
-    return table
+    return invariance.invariance_table(
+        lambda x01: encoder(normalize_images(x01, size, mean, std)), images01, families,
+        reference, batch_size)
 
 
 def load_images01(data: str | Path, image_size: int, max_images: int,
@@ -394,27 +370,32 @@ def load_images01(data: str | Path, image_size: int, max_images: int,
 
 
 def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIES,
-                    strengths: Sequence[float] = DEFAULT_STRENGTHS, max_images: int = 512,
-                    seed: int = 0, backbone: nn.Module | None = None) -> dict[str, Any]:
-    from lsdr_repr.augment import FAMILIES as KNOWN
-
+                    max_images: int = 512, reference: str | None = None,
+                    backbone: nn.Module | None = None,
+                    reference_key: str | None = None) -> dict[str, Any]:
+    """The invariance table of the first `max_images` images of `data`; features standardised
+    by those of (up to 4096 images of) `reference`, the train split, when given."""
     t = ev.trained
-    unknown = [f for f in families if f not in KNOWN]
+    unknown = [f for f in families if f not in invariance.LEVELS]
     if unknown:
-        raise ConfigError(f"invariance: unknown family {unknown[0]!r} (known: {', '.join(KNOWN)})")
+        known = ", ".join(invariance.LEVELS)
+        raise ConfigError(f"invariance: unknown family {unknown[0]!r} (known: {known})")
     images = load_images01(data, t.image_size, max_images, ev.batch_size, ev.num_workers)
     model = backbone if backbone is not None else t.backbone
+    ref = None if reference is None else ev.features(reference, model, reference_key,
+                                                     max_samples=4096).x
     was_training = model.training
     model.eval()
     try:
-        table = invariance_table(model, images.to(ev.device), t.mean, t.std, families, strengths,
-                                 seed, ev.batch_size)
+        table = invariance_table(model, images.to(ev.device), t.mean, t.std, families,
+                                 None if ref is None else ref.to(ev.device), ev.batch_size)
     finally:
         model.train(was_training)
-    metrics = {f"{fam}@{s}/{m}": v for fam, row in table.items() for s, cell in row.items()
-               for m, v in cell.items()}
+    metrics = {f"{row}@{level}/{m}": v for row, cells in table.items()
+               for level, cell in cells.items() for m, v in cell.items()}
     return {"metrics": metrics, "table": table,
-            "details": {"data": str(data), "num_images": len(images), "seed": seed}}
+            "details": {"data": str(data), "num_images": len(images),
+                        "reference": None if reference is None else str(reference)}}
 
 
 def finetune_eval(
@@ -563,7 +544,6 @@ def demo_report(
     *,
     device: str = "auto",
     max_invariance_images: int = 256,
-    strengths: Sequence[float] = DEFAULT_STRENGTHS,
 ) -> dict[str, Any]:
     """Linear probe of the trained backbone vs the same architecture at random init, and the
     invariance table of both, on the held-out `eval_shards` (written to RUN_DIR/eval/demo.json)."""
@@ -582,8 +562,8 @@ def demo_report(
         res = probes.linear_probe(tr.x, tr.y, te.x, te.y)
         report["linear"][name] = res.metrics()
         report["invariance"][name] = invariance_eval(
-            ev, eval_shards, strengths=strengths, max_images=max_invariance_images,
-            backbone=model)["table"]
+            ev, eval_shards, max_images=max_invariance_images, reference=train_shards,
+            backbone=model, reference_key=key)["table"]
     _write_result(results, "demo", {"metrics": {
         "linear_top1_trained": report["linear"]["trained"]["top1"],
         "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained)
@@ -614,12 +594,14 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_invariance(table: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Rows: family; columns: strength, cells "cosine / retrieval"."""
-    strengths = list(next(iter(table.values())).keys()) if table else []
-    rows = [[fam] + [f"{row[s]['cosine']:.3f} / {row[s]['cosine_centered']:.3f} / "
-                     f"{row[s]['retrieval_top1']:.2f}" for s in strengths]
-            for fam, row in table.items()]
-    return format_table(["family"] + [f"strength {s}" for s in strengths], rows)
+    """Rows: transform/fill; columns: its strengths, cells "cosine / centred / retrieval"."""
+    width = max((len(cells) for cells in table.values()), default=0)
+    rows = []
+    for name, cells in table.items():
+        row = [name] + [f"{level}: {c['cosine']:.3f} / {c['cosine_centered']:.3f} / "
+                        f"{c['retrieval_top1']:.2f}" for level, c in cells.items()]
+        rows.append(row + [""] * (width + 1 - len(row)))
+    return format_table(["transform"] + [f"strength {i + 1}" for i in range(width)], rows)
 
 
 def format_metrics(name: str, metrics: dict[str, Any]) -> str:
@@ -726,16 +708,17 @@ def add_cli_commands(sub, add) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(handler=_cmd_finetune)
 
-    q = add(esub, "invariance", "Embedding cosine and retrieval under lighting, rotation, scale.",
-            "lsdr eval invariance runs/demo --data data/sample/test --strengths 0.25,0.5,1")
+    q = add(esub, "invariance", "Embedding cosine and retrieval under lighting, rotation, scale "
+            "(Kornia's transforms, zero and reflection fill).",
+            "lsdr eval invariance runs/demo --data data/sample/test --families rotate,zoom_out")
     common(q)
     q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
     q.add_argument("--families", type=lambda s: tuple(s.split(",")), default=FAMILIES,
-                   help=f"comma-separated (default {','.join(FAMILIES)}; also: scale)")
-    q.add_argument("--strengths", type=_floats, default=DEFAULT_STRENGTHS,
-                   help="comma-separated in [0, 1] (1: the largest change, e.g. 180 degrees)")
+                   help=f"comma-separated (default {','.join(FAMILIES)})")
+    q.add_argument("--reference", default=None,
+                   help="images whose features standardise both sides (default: the run's "
+                   "data.train_shards; 'none' for raw features)")
     q.add_argument("--max-images", type=int, default=512, help="first N images of --data")
-    q.add_argument("--seed", type=int, default=0)
     q.set_defaults(handler=_cmd_invariance)
 
     q = add(esub, "rank", "Effective rank (RankMe) and eigenvalue spectrum of the embeddings.",
@@ -804,8 +787,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_invariance(args: argparse.Namespace) -> int:
     ev = _setup(args)
+    reference = None if args.reference == "none" else (
+        args.reference or ev.trained.config.data.train_shards or None)
     res = invariance_eval(ev, _default_data(ev, args.data, "val_shards"), args.families,
-                          args.strengths, args.max_images, args.seed)
+                          args.max_images, reference)
     text = f"{INVARIANCE_LEGEND}\n{format_invariance(res['table'])}"
     return _finish(ev, "invariance", res, text)
 

@@ -523,11 +523,13 @@ def model_card(trained: TrainedBackbone, fmt: str, out_dir: str | Path = "OUT",
         obj = cfg.objective
         weights = (f"invariance {obj.invariance_weight}, variance {obj.variance_weight}, "
                    f"decorrelation {obj.decorrelation_weight}")
+        name = ("LSDR, Large Scale Data Representation: invariance and variance terms with "
+                "decorrelation regularisation" if obj.name == "lsdr" else obj.name)
         lines += [
             f"- data: `{cfg.data.train_shards}`{_num_samples(cfg.data.train_shards)}",
             (f"- steps: {trained.step} ({trained.samples_seen} samples seen), global batch "
             f"{cfg.data.batch_size}"),
-            f"- objective: {obj.name} ({weights})",
+            f"- objective: {name} ({weights})",
             (f"- augmentation: preset {cfg.augment.preset or 'none'}, {cfg.augment.num_views} "
             f"views at {cfg.augment.crop_size}px"),
             (f"- optimiser: {cfg.optim.name}, lr {cfg.optim.lr} (at batch "

@@ -1,5 +1,10 @@
 """The LSDR objective and the VICReg / Barlow Twins baselines, as pure tensor functions.
 
+LSDR, Large Scale Data Representation: representations learned from large image collections that
+stay the same under lighting, rotation and scale. An invariance term between the views of one
+image and a variance term against collapse, combined with decorrelation regularisation (the
+squared off-diagonal covariance of the embedding, also applied layer-wise on pooled stages).
+
     loss_fn = build_objective(cfg.objective, stages=cfg.model.stages)
     out = loss_fn([z1, z2], [stages1, stages2])   # LossOutput(total, terms)
 

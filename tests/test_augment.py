@@ -18,8 +18,6 @@ from lsdr_repr.augment import (
     ViewParams,
     _view_graph,
     build_augment,
-    family_params,
-    transform_family,
 )
 from lsdr_repr.augment_ops import (
     LUMA,
@@ -108,10 +106,10 @@ def test_channels_last_layout_on_request_and_on_cuda():
     aug = build_augment(make_cfg(preset="lsdr-invariance", crop_size=16, solarize={"p": [1.0]}))
     views = aug(x, gen(2))
     p = aug.last_params[0]
-    kw = {"out_hw": (16, 16), "blur_radius": 11, "norm_scale": aug.norm_scale,
+    kw = {"spec": p.spec.render_spec(), "luma": aug.luma, "norm_scale": aug.norm_scale,
           "norm_bias": aug.norm_bias}
-    half = render(to_float01(x), *p.tensors()[:6], blur_dtype=torch.float16, channels_last=True,
-                  **kw)
+    half = render(to_float01(x), *p.tensors()[:ViewParams.RENDERED], blur_dtype=torch.float16,
+                  channels_last=True, **kw)
     assert half.dtype == torch.float32 and half.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(half, views[0], atol=2e-3 / min(aug.cfg.std), rtol=0)
     if not torch.cuda.is_available():
@@ -123,11 +121,12 @@ def test_channels_last_layout_on_request_and_on_cuda():
 def test_parameters_differ_per_sample():
     aug = build_augment(make_cfg(preset="lsdr-invariance", crop_size=16))
     p = aug.sample_params(8, "cpu", gen(3), view_index=0)
-    assert p.theta.shape == (8, 2, 3) and p.color.shape == (8, 3, 3) and p.offset.shape == (8, 3)
+    assert p.theta.shape == (8, 2, 3) and p.lighting.shape == (8, 6)
+    assert p.fill_kind.shape == (8,) and p.fill_color.shape == (8, 3)
     assert len({tuple(t.flatten().tolist()) for t in p.theta}) == 8
     lit = p.gamma != 1.0
     assert lit.sum() >= 2
-    assert len({tuple(c.flatten().tolist()) for c in p.color[lit]}) == int(lit.sum())
+    assert len({tuple(c.tolist()) for c in p.lighting[lit, :5]}) == int(lit.sum())
 
 
 def test_replay_from_params_gives_identical_views():
@@ -209,7 +208,8 @@ def test_crop_border_keeps_rotated_views_inside_the_image():
         return torch.einsum("bij,kj->bki", p.theta, corners).abs().amax(dim=(1, 2))
 
     assert float(corner_reach("crop").max()) <= 1.0 + 1e-5
-    assert float(corner_reach("reflection").max()) > 1.2  # rotated corners leave the image
+    assert float(corner_reach("fill").max()) > 1.2  # rotated corners leave the image
+    assert float(corner_reach("reflection").max()) > 1.2  # the older name of "fill"
 
 
 def test_zoom_out_shrinks_the_image_inside_the_view():
@@ -243,9 +243,9 @@ def test_brightness_only_scales_values():
                                                 "saturation": 0.0, "hue": 0.0}))
     view = aug.denormalize(aug(x, gen(9))[0])
     p = aug.last_params[0]
-    factor = p.color[:, 0, 0]
-    torch.testing.assert_close(p.color, factor[:, None, None] * torch.eye(3).expand(4, 3, 3))
-    assert float(p.offset.abs().max()) == 0.0 and float((factor - 1).abs().min()) > 0
+    factor = p.lighting[:, 0]
+    torch.testing.assert_close(p.lighting[:, 1:], torch.tensor([1.0, 1, 0, 0, 0]).expand(4, 5))
+    assert float((factor - 1).abs().min()) > 0
     expected = (x.float() / 255 * factor[:, None, None, None]).clamp(0, 1)
     torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
 
@@ -396,42 +396,158 @@ def test_view_graph_traces_as_one_graph_and_matches_eager():
     torch.testing.assert_close(replay, ref_view)
 
 
-# ---------------------------------------------------------------- invariance evaluation
-def test_transform_family_strength_zero_is_identity_and_seeded():
-    x = smooth_images(3, 20).float() / 255
-    for family in ("lighting", "rotation", "scale", "combined"):
-        torch.testing.assert_close(transform_family(x, family, 0.0, gen(0)), x, atol=1e-5, rtol=0)
-        a = transform_family(x, family, 0.6, gen(1))
-        assert torch.equal(a, transform_family(x, family, 0.6, gen(1)))
-        assert a.shape == x.shape and (a - x).abs().mean() > 0.01
-    with pytest.raises(ConfigError, match="unknown invariance family"):
-        transform_family(x, "texture", 0.5)
-    with pytest.raises(ConfigError, match="strength"):
-        transform_family(x, "scale", 1.5)
+# ------------------------------------------------------- kornia path against the fused path
+# Tolerances: the two paths agree to float32 rounding (1e-5 on [0,1] values) where kornia's
+# intermediate clamps do not act; hue is HSV's hexagon in kornia and a rotation about the gray
+# axis in the fused matrix, equal at a third of a turn (test_hue_rotation_matches_kornia_hsv_shift).
+ALL_KORNIA = {"warp": "kornia", "color": "kornia", "blur": "kornia"}
+ALL_FUSED = {"warp": "fused", "color": "fused", "blur": "fused"}
 
 
-def test_transform_family_rotation_and_zoom_are_exact():
-    x = images(6, 16).float() / 255
-    # strength 0.5 = +-90 degrees: each sample is rot90 one way or the other
-    y = transform_family(x, "rotation", 0.5, gen(2))
-    p = family_params(6, "rotation", 0.5, 16, generator=gen(2))
-    for i in range(6):
-        k = 1 if float(p.angle[i]) > 0 else -1
-        torch.testing.assert_close(y[i], torch.rot90(x[i], k, dims=(1, 2)), atol=1e-5, rtol=0)
-    assert {float(a) for a in p.angle} == {90.0, -90.0}
-    s = math.log(2) / math.log(3)  # zoom factor 2
-    out = transform_family(x, "zoom_out", s)
-    torch.testing.assert_close(out[:, :, 4:12, 4:12], F.avg_pool2d(x, 2), atol=1e-5, rtol=0)
-    inside = transform_family(x, "zoom_in", s)
-    expected = F.interpolate(x[:, :, 4:12, 4:12], scale_factor=2, mode="bilinear",
-                             align_corners=False)
-    torch.testing.assert_close(inside[:, :, 2:14, 2:14], expected[:, :, 2:14, 2:14],
-                               atol=1e-5, rtol=0)
-    # scale: zoom in or out per sample; lighting keeps the geometry (a gray image stays flat)
-    assert {round(float(a), 3) for a in family_params(64, "scale", s, 8, generator=gen(3)).area} \
-        == {0.25, 4.0}
-    flat = transform_family(torch.full((2, 3, 8, 8), 0.5), "lighting", 1.0, gen(4))
-    assert float(flat.std(dim=(2, 3)).max()) < 1e-5
+@pytest.mark.parametrize("stage, changes", [
+    ("warp", {"scale": {"p": 1.0, "area": [0.3, 1.0], "zoom_out_p": 0.5, "zoom_out": [1.2, 2.0]},
+              "rotation": {"p": 1.0, "degrees": 180.0},
+              "fill": ["zeros", "reflection", "replicate", "random", 0.5]}),
+    ("color", {"lighting": {"p": 1.0, "brightness": 0.2, "contrast": 0.2, "saturation": 0.3,
+                            "hue": 0.0, "gamma": 0.3, "temperature": 0.1}, "grayscale_p": 0.3}),
+    ("blur", {"blur": {"p": [1.0], "sigma": [0.1, 2.0], "kernel_size": 9}}),
+])
+def test_kornia_and_fused_paths_agree_per_op_and_per_sample(stage, changes):
+    # mid-range values: no colour step leaves [0, 1], so kornia's clamps between steps never act
+    x = 0.35 + 0.3 * smooth_images(6, 24, seed=3).float() / 255
+    cfg = plain_cfg(16, **changes)
+    views = {}
+    for name, impl in (("kornia", ALL_KORNIA), ("fused", ALL_FUSED)):
+        aug = build_augment(cfg, impl=impl)
+        views[name] = aug.denormalize(aug(x, gen(6))[0])
+    per_sample = (views["kornia"] - views["fused"]).abs().amax(dim=(1, 2, 3))
+    assert float(per_sample.max()) < 2e-5, (stage, per_sample)
+
+
+def test_fused_warp_equals_grid_sample_and_kornia_for_each_fill():
+    from kornia.geometry.transform import warp_affine
+
+    from lsdr_repr.augment_ops import kornia_matrix, warp
+
+    x = torch.rand(3, 3, 20, 24, generator=gen(8))
+    theta = affine_theta(torch.full((3, 2), 0.1), torch.full((3, 2), 1.4), torch.full((3,), 0.6),
+                         torch.zeros(3, dtype=torch.bool))
+    grid = F.affine_grid(theta, [3, 3, 16, 16], align_corners=False)
+    m = kornia_matrix(theta, (20, 24), (16, 16))
+    color = torch.rand(3, 3, generator=gen(9))
+    for kind, padding in ((1, "reflection"), (2, "border")):
+        ours = warp(x, theta, (16, 16), torch.full((3,), kind), color)
+        ref = F.grid_sample(x, grid, padding_mode=padding, align_corners=False)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        theirs = warp_affine(x, m, (16, 16), padding_mode=padding, align_corners=False)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    ours = warp(x, theta, (16, 16), torch.zeros(3, dtype=torch.long), color)
+    theirs = warp_affine(x, m, (16, 16), padding_mode="fill", align_corners=False,
+                         fill_value=color[:, :, None, None])
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_batch_through_gpu_augment_runs_kornia_functionals():
+    import sys
+
+    ran: set[str] = set()
+
+    def record(frame, event, arg):  # the real call stack: which kornia functions executed
+        if event == "call" and "/kornia/" in frame.f_code.co_filename:
+            ran.add(frame.f_code.co_name)
+
+    cfg = make_cfg(preset="lsdr-invariance", crop_size=16, solarize={"p": [1.0]},
+                   kornia=[{"op": "RandomPlanckianJitter", "p": 1.0}])
+
+    def kornia_calls(impl: dict | None) -> set[str]:
+        ran.clear()
+        aug = build_augment(cfg, impl=impl)
+        sys.setprofile(record)
+        try:
+            aug(images(2, 24), gen(0))
+        finally:
+            sys.setprofile(None)
+        return set(ran)
+
+    # the default path: gamma and solarize are kornia's functionals, then the config's module
+    default = kornia_calls(None)
+    assert {"adjust_gamma", "solarize", "forward"} <= default, sorted(default)
+    assert "adjust_hue" not in default  # the fused colour matrix (DEFAULT_IMPL)
+    every = kornia_calls(ALL_KORNIA)
+    expected = {"adjust_gamma", "adjust_brightness_accumulative",
+                "adjust_contrast_with_mean_subtraction", "adjust_saturation_with_gray_subtraction",
+                "adjust_hue", "rgb_to_grayscale", "gaussian_blur2d", "solarize", "warp_affine"}
+    assert expected <= every, sorted(expected - every)
+
+
+def test_fill_mixture_gives_different_fills_within_one_batch():
+    cfg = plain_cfg(16, scale={"p": 0.0, "zoom_out_p": 1.0, "zoom_out": [2.0, 2.0]},
+                    fill=["zeros", "reflection", "replicate", "random", 0.5])
+    aug = build_augment(cfg)
+    x = smooth_images(64, 16, seed=5)
+    view = aug.denormalize(aug(x, gen(3))[0])
+    p = aug.last_params[0]
+    assert set(p.fill_kind.tolist()) == {0, 1, 2}
+    colours = {tuple(round(v, 4) for v in c.tolist()) for c in p.fill_color[p.fill_kind == 0]}
+    assert (0.0, 0.0, 0.0) in colours and (0.5, 0.5, 0.5) in colours and len(colours) > 3
+    # the view's corner pixel is outside the (zoomed-out) image: it shows the sample's fill
+    corner = view[:, :, 0, 0]
+    constant = p.fill_kind == 0
+    torch.testing.assert_close(corner[constant], p.fill_color[constant], atol=1e-5, rtol=0)
+    assert float((corner[~constant] - p.fill_color[~constant]).abs().max()) > 0.05
+
+
+def test_kornia_modules_from_the_config_run_on_the_views():
+    mods = [{"op": "RandomPlanckianJitter", "mode": "blackbody", "p": 1.0},
+            {"op": "RandomPlasmaShadow", "p": 1.0, "views": [1]},
+            {"op": "RandomPerspective", "distortion_scale": 0.3, "p": 1.0}]
+    cfg = plain_cfg(16, kornia=mods)
+    plain = build_augment(plain_cfg(16))
+    aug = build_augment(cfg)
+    x = smooth_images(4, 16)
+    views = aug(x, gen(1))
+    base = plain(x, gen(1))
+    assert [type(m).__name__ for m in aug.kornia_ops] == [m["op"] for m in mods]
+    assert aug.kornia_views == [[0, 1], [1], [0, 1]]
+    for v, b in zip(views, base):
+        assert v.shape == b.shape and float((v - b).abs().mean()) > 1e-3
+    raw = views[0] * aug.std + aug.mean
+    assert raw.min() > -1e-4 and raw.max() < 1 + 1e-4
+    # replay: the built-in parameters and the modules' own
+    assert aug.last_params[0].kornia_params[1] is None  # the shadow is for view 1 only
+    for view, params in zip(views, aug.last_params):
+        torch.testing.assert_close(aug.apply(x, params), view, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"op": "RandomPlanckianJiter"}, (r"augment\.kornia\[0\]\.op: .*'RandomPlanckianJiter'"
+                                      r".*did you mean RandomPlanckianJitter")),
+    ({"op": "RandomPerspective", "distortion": 0.3},
+     (r"augment\.kornia\[0\]\.distortion: RandomPerspective takes no argument 'distortion'"
+      r" \(did you mean distortion_scale")),
+    ({"op": "RandomPlasmaShadow", "views": [5]}, r"augment\.kornia\[0\]\.views"),
+    ({"op": "RandomPlanckianJitter", "mode": "sunset"}, r"augment\.kornia\[0\]: "),
+])
+def test_bad_kornia_entry_is_a_one_line_config_error(entry, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        make_cfg(kornia=[entry])
+    assert "\n" not in str(err.value)
+
+
+def test_bad_kornia_entry_on_the_command_line_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {train_shards: x}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "lsdr_repr", "config", str(cfg),
+         "augment.kornia=[{op: RandomPlanckianJiter, p: 0.5}]"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean RandomPlanckianJitter" in lines[0], out.stderr
+
 
 
 # ----------------------------------------------------------------------------- benchmark
