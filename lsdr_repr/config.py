@@ -330,7 +330,19 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
             known = ", ".join(AUGMENT_PRESETS)
             raise ConfigError(f"{source}: augment.preset: unknown preset '{name}' (known: {known})")
         raw["augment"] = _deep_merge(AUGMENT_PRESETS[name], augment)
-    return _build(Config, raw, "", source)
+    cfg = _build(Config, raw, "", source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Values of the right type that cannot work, refused here so the message names the key and
+    the file (rather than a traceback from deep inside the run)."""
+    if cfg.data.batch_size < 2:
+        # BatchNorm in training mode, and the variance and covariance terms, need two images.
+        raise ConfigError(f"{source}: data.batch_size: must be at least 2 (the global batch; "
+                          f"BatchNorm and the variance terms need 2 images), got "
+                          f"{cfg.data.batch_size}")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
