@@ -39,6 +39,11 @@ def add_shard_commands(sub, add) -> None:
                    help="encoding processes (default: all CPUs; 1: no subprocesses)")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images with more pixels (decompression bombs; default ~179M)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="also follow symbolic links that lead out of SRC (default: such links "
+                   "are left out and reported; loops and repeats are always listed once)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards of another source in OUT (refused otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_write)
 
@@ -87,7 +92,8 @@ def _cmd_write(args: argparse.Namespace) -> int:
     result = writer.write_shards(
         args.src, args.out, prefix=args.prefix, seed=args.seed,
         max_bytes=writer.parse_size(args.max_size), max_side=args.max_side, layout=args.layout,
-        workers=args.workers, progress=not args.no_progress, **kwargs)
+        workers=args.workers, progress=not args.no_progress, follow_links=args.follow_links,
+        overwrite=args.overwrite, **kwargs)
     m = result.manifest
     classes = f", {m.num_classes} classes" if m.num_classes else ""
     print(f"wrote {result.written} samples{classes} in {len(m.shards)} shards "

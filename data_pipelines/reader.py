@@ -57,6 +57,7 @@ import signal
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -71,7 +72,7 @@ from data_pipelines.images import (
     jpeg_header_size,
     pixel_limit,
 )
-from data_pipelines.manifest import Manifest, read_manifest, resolve_shards
+from data_pipelines.manifest import Manifest, is_remote, read_manifest, resolve_shards
 from lsdr_repr.errors import ConfigError, DataError
 
 __all__ = [
@@ -196,7 +197,11 @@ class ShardStream(IterableDataset):
         output: str = "decoded",
         name: str = "",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        shard_samples: Sequence[int | None] | None = None,
     ) -> None:
+        """`shard_samples`: how many samples each shard holds (the manifest's counts, aligned
+        with `urls`; None where unknown), so a shard that breaks off counts the samples it lost
+        rather than one per read error."""
         super().__init__()
         if mode not in ("train", "eval") or output not in ("decoded", "jpeg"):
             raise ValueError(f"mode={mode!r}, output={output!r}")
@@ -215,6 +220,8 @@ class ShardStream(IterableDataset):
         self._pending_skips = self._skip_total = self._logged_skips = 0
         self._replaying = False
         self._url_set = set(self.urls)
+        self.shard_samples = list(shard_samples) if shard_samples else [None] * len(self.urls)
+        self._shard_errors: list[str] | None = None  # read errors of the shard being read
 
     # -- state (called by StatefulDataLoader inside the worker, between batches)
     def state_dict(self) -> dict[str, Any]:
@@ -351,9 +358,24 @@ class ShardStream(IterableDataset):
             for s in shard_ids:
                 stream = tarfile_samples([{"url": self.urls[s]}], handler=self._on_read_error,
                                          select_files=_wanted_member)
+                self._shard_errors = []
+                read = mine = 0
+                held = None  # one sample held back: the one a break cut short is dropped
                 for j, sample in enumerate(stream):
+                    if held is not None:
+                        mine += 1
+                        yield held
+                    read, held = j + 1, None
                     if sample_filter is None or (s + j) % sample_filter[0] == sample_filter[1]:
-                        yield sample
+                        held = sample
+                errors, self._shard_errors = self._shard_errors, None
+                if held is not None and errors and not any(k in held for k in IMAGE_KEYS):
+                    read, held = read - 1, None  # its image was cut off: one of the lost
+                if held is not None:
+                    mine += 1
+                    yield held
+                if errors:
+                    self._count_lost(s, errors, read, mine, sample_filter)
 
         it = samples()
         if self.mode == "train" and self.shuffle_buffer > 1:
@@ -363,18 +385,38 @@ class ShardStream(IterableDataset):
 
     # -- decoding and skipping
     def _on_read_error(self, exn: Exception) -> bool:
-        """webdataset handler: log, count, carry on with the next member or shard."""
+        """webdataset handler: note the error, carry on with the next member or shard. Counted
+        once per shard when it ends (`_count_lost`): webdataset may report one break twice."""
         # webdataset appends (stream, url) to the exception's args; keep the message and the url
         args = getattr(exn, "args", ())
+        # webdataset may add " @ <stream>" to the message of an error it re-raises
+        text = f"{type(exn).__name__}: {str(args[0]).split(' @ ')[0] if args else ''}"
+        if self._shard_errors is not None:
+            if text not in self._shard_errors:
+                self._shard_errors.append(text)
+            return True
         url = next((a for a in reversed(args) if isinstance(a, str) and a in self._url_set),
                    self.name)
-        text = str(args[0]) if args else ""
-        self._skip(f"read error: {type(exn).__name__}: {text}", None, where=url)
+        self._skip(f"read error: {text}", None, where=url)
         return True
 
-    def _skip(self, reason: str, sample: dict[str, Any] | None, where: str = "") -> None:
-        self._pending_skips += 1
-        self._skip_total += 1
+    def _count_lost(self, shard: int, errors: list[str], read: int, mine: int,
+                    sample_filter: tuple[int, int] | None) -> None:
+        """One skip entry for a shard that broke off: the samples of this reader it lost."""
+        expected = self.shard_samples[shard]
+        if expected is None:
+            lost, known = 1, False  # no manifest: at least the sample being read
+        else:
+            lost = _reader_share(shard, expected, sample_filter) - mine
+            known = True
+        how = f"{lost} sample(s) lost" if known else "samples after it lost (count unknown)"
+        reason = f"read error after {read} sample(s): {'; '.join(errors)} ({how})"
+        self._skip(reason, None, where=self.urls[shard], count=max(0, lost))
+
+    def _skip(self, reason: str, sample: dict[str, Any] | None, where: str = "",
+              count: int = 1) -> None:
+        self._pending_skips += count
+        self._skip_total += count
         self._logged_skips += not self._replaying
         if sample:
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
@@ -417,6 +459,24 @@ class ShardStream(IterableDataset):
             return Batch(jpegs, label_t, skipped)
         stacked = torch.from_numpy(np.stack(images))  # [B,S,S,3]
         return Batch(stacked.permute(0, 3, 1, 2).contiguous(), label_t, skipped)
+
+
+def _reader_share(shard: int, num_samples: int, sample_filter: tuple[int, int] | None) -> int:
+    """How many of a shard's `num_samples` samples one reader keeps under its sample filter."""
+    if sample_filter is None:
+        return num_samples
+    n, p = sample_filter
+    first = (p - shard) % n  # the smallest j with (shard + j) % n == p
+    return 0 if first >= num_samples else (num_samples - 1 - first) // n + 1
+
+
+def shard_sample_counts(urls: Sequence[str], manifest: Manifest | None) -> list[int | None]:
+    """The manifest's sample count of each url (None for shards it does not list)."""
+    if manifest is None:
+        return [None] * len(urls)
+    counts = {str((Path(manifest.root) / s.name).resolve()): s.num_samples
+              for s in manifest.shards}
+    return [None if is_remote(u) else counts.get(str(Path(u).resolve())) for u in urls]
 
 
 def _wanted_member(name: str) -> bool:
@@ -468,7 +528,7 @@ def _kill_leftover_workers() -> None:
 class _CleanErrors:
     def __init__(self, it: Iterator[Batch], dataset: ShardStream, empty_is_error: bool) -> None:
         self._it, self._dataset, self._empty_is_error = it, dataset, empty_is_error
-        self._batches = 0
+        self._batches = self._samples = self._skipped = 0
 
     def __iter__(self) -> _CleanErrors:
         return self
@@ -482,6 +542,10 @@ class _CleanErrors:
                 message = (f"{self._dataset.name}: no usable sample in the shards (all skipped "
                            f"or empty: see the warnings above)")
             else:
+                if self._skipped:  # a finite (evaluation) pass: say what it left out
+                    log.warning("%s: read %d samples, skipped %d (corrupt or lost to read "
+                                "errors: see the warnings above)", self._dataset.name,
+                                self._samples, self._skipped)
                 raise
         except DataError as exc:
             message = _worker_message(str(exc))
@@ -493,6 +557,8 @@ class _CleanErrors:
         if message is not None:
             raise DataError(message)
         self._batches += 1
+        self._samples += len(batch.labels)
+        self._skipped += batch.skipped
         return batch
 
 
@@ -549,7 +615,8 @@ def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: in
     dataset = ShardStream(
         urls, image_size=data_cfg.image_size, batch_size=per_rank, mode="train", seed=seed,
         rank=rank, world_size=world_size, resampled=data_cfg.resampled,
-        shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=str(data_cfg.train_shards))
+        shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=str(data_cfg.train_shards),
+        shard_samples=shard_sample_counts(urls, manifest))
     loader = _loader(dataset, num_workers=data_cfg.num_workers,
                      prefetch_factor=data_cfg.prefetch_factor, pin_memory=data_cfg.pin_memory,
                      empty_is_error=True)
@@ -570,7 +637,7 @@ def make_eval_loader(shards: str | os.PathLike, image_size: int, batch_size: int
     urls, manifest = resolve_shards(shards)
     dataset = ShardStream(urls, image_size=image_size, batch_size=batch_size, mode="eval",
                           rank=rank, world_size=world_size, resampled=False, shuffle_buffer=0,
-                          name=str(shards))
+                          name=str(shards), shard_samples=shard_sample_counts(urls, manifest))
     loader = _loader(dataset, num_workers=num_workers, prefetch_factor=2, pin_memory=pin_memory,
                      empty_is_error=world_size == 1)
     loader.manifest, loader.per_rank_batch = manifest, batch_size

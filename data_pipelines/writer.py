@@ -56,6 +56,7 @@ from lsdr_repr.errors import DataError
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".lsdr-write"
+SOURCE_RECORD = "source.json"  # in STATE_DIR: which source this directory is written from
 WRITER_FORMAT = 1  # bump when the bytes written for the same inputs change
 DEFAULT_MAX_COUNT = 10_000
 DEFAULT_MAX_BYTES = 256 * 10**6
@@ -80,6 +81,9 @@ class Source:
     root: Path
     items: list[SourceItem]
     class_names: list[str] = field(default_factory=list)
+    # entries left out while listing (symlink loops, links out of the source, duplicates):
+    # {"path", "reason"}, reported with the files that could not be read
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -100,8 +104,15 @@ class WriteResult:
 
 # ------------------------------------------------------------------------------------ sources
 def scan_source(src: str | os.PathLike, layout: Layout = "auto",
-                exclude: Path | None = None) -> Source:
-    """List the files of an image source (see the module docstring). Raises `DataError`."""
+                exclude: Path | None = None, follow_links: bool = False) -> Source:
+    """List the files of an image source (see the module docstring). Raises `DataError`.
+
+    Symbolic links inside a folder source are followed while they stay inside it (unless
+    `follow_links`), and each directory and file is listed once: a link back to an ancestor (a
+    loop), a second link to a listed directory or file, and a link out of the source (say to
+    /etc/passwd) are left out and reported, rather than multiplying samples under the wrong
+    label or reading files the source does not hold.
+    """
     root = Path(os.path.expanduser(str(src)))
     if not root.exists():
         raise DataError(f"{root}: no such source directory or file")
@@ -119,12 +130,18 @@ def scan_source(src: str | os.PathLike, layout: Layout = "auto",
                          if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise DataError(f"{root}: no class subfolders for an ImageFolder layout")
+        walk = _Walk(root, exclude, follow_links)
+        tops = [walk.top(root / name) for name in classes]  # a link into another class: refused
         items = []
-        for label, name in enumerate(classes):
-            items += [_item(p, root, label) for p in _walk(root / name, exclude)]
-        source = Source("imagefolder", root, items, classes)
+        for label, top in enumerate(tops):
+            if top is not None:
+                items += [_item(p, root, label) for p in walk.files(top)]
+        source = Source("imagefolder", root, items, classes, walk.skipped)
     elif layout == "flat":
-        source = Source("flat", root, [_item(p, root, None) for p in _walk(root, exclude)])
+        walk = _Walk(root, exclude, follow_links)
+        top = walk.top(root)
+        files = walk.files(top) if top is not None else iter(())
+        source = Source("flat", root, [_item(p, root, None) for p in files], [], walk.skipped)
     else:
         raise DataError(f"{root}: unknown layout {layout!r} (auto | imagefolder | flat)")
     if not source.items:
@@ -132,14 +149,72 @@ def scan_source(src: str | os.PathLike, layout: Layout = "auto",
     return source
 
 
-def _walk(top: Path, exclude: Path | None) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")
-                       and (exclude is None or (here / d).resolve() != exclude)]
-        for name in filenames:
-            if not name.startswith(".") and os.path.isfile(here / name):
-                yield here / name
+class _Walk:
+    """Lists the files of a source tree once each: every directory and file is identified by
+    (device, inode), so a symlink loop or a second link to something already listed is left out;
+    links that resolve outside the source root are left out unless `follow_links`. Sorted, so
+    which of two names of one file is kept does not depend on the file system's order."""
+
+    def __init__(self, root: Path, exclude: Path | None, follow_links: bool) -> None:
+        self.root, self.exclude, self.follow_links = root, exclude, follow_links
+        self.real_root = root.resolve()
+        self.seen: dict[tuple[int, int], str] = {}
+        self.skipped: list[dict[str, str]] = []
+        self.top(root)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix() if path != self.root else "."
+
+    def _admit(self, path: Path) -> bool:
+        """Record `path` (a directory or file) unless it is a repeat or an outside link."""
+        rel = self._rel(path)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            self._skip(rel, f"unreadable ({exc.strerror or exc})")
+            return False
+        if path.is_symlink() and not self.follow_links:
+            real = path.resolve()
+            if real != self.real_root and self.real_root not in real.parents:
+                self._skip(rel, f"symbolic link to {real}, outside the source "
+                                "(--follow-links to include it)")
+                return False
+        key = (st.st_dev, st.st_ino)
+        first = self.seen.get(key)
+        if first is not None:
+            kind = "directory" if path.is_dir() else "file"
+            self._skip(rel, f"the same {kind} as {first} (a symbolic link loop or a second "
+                            "link to it): listed once")
+            return False
+        self.seen[key] = rel
+        return True
+
+    def _skip(self, rel: str, reason: str) -> None:
+        self.skipped.append({"path": rel, "reason": reason})
+        log.warning("leaving out %s: %s", rel, reason)
+
+    def top(self, path: Path) -> Path | None:
+        """Admit a directory to walk (the root, a class folder); None if refused."""
+        if path == self.root and self.seen:
+            return path
+        return path if self._admit(path) else None
+
+    def files(self, top: Path) -> Iterator[Path]:
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            here = Path(dirpath)
+            keep = []
+            for d in sorted(dirnames):
+                path = here / d
+                if d.startswith(".") or (self.exclude is not None
+                                         and path.resolve() == self.exclude):
+                    continue
+                if self._admit(path):
+                    keep.append(d)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                path = here / name
+                if not name.startswith(".") and os.path.isfile(path) and self._admit(path):
+                    yield path
 
 
 def _item(path: Path, root: Path, label: int | None, rel: str | None = None) -> SourceItem:
@@ -364,12 +439,16 @@ def write_shards(
     workers: int | None = None,
     progress: bool = False,
     source_label: str | None = None,
+    follow_links: bool = False,
+    overwrite: bool = False,
 ) -> WriteResult:
     """Write `src` (ImageFolder dir, flat dir, or CSV/TSV of path[,label]) as shards in `out`.
 
     `workers`: encoding processes (None: all CPUs; 0 or 1: in this process). `source_label`:
-    what the manifest records as the source (default: `src` as given). Raises `DataError` for a
-    missing or empty source and when no file at all could be used.
+    what the manifest records as the source (default: `src` as given). `follow_links`: also
+    follow symbolic links that leave the source folder. `overwrite`: replace the shards of
+    another source in `out` (refused otherwise). Raises `DataError` for a missing or empty
+    source, an `out` holding another dataset, and when no file at all could be used.
     """
     if max_count < 1 or max_bytes < 1:
         raise DataError(f"shard limits must be positive (max_count={max_count}, "
@@ -382,12 +461,16 @@ def write_shards(
         raise DataError(f"shard prefix {prefix!r}: use letters, digits, '_', '-', '.'")
     out = Path(os.path.expanduser(str(out)))
     out_resolved = out.resolve()
-    source = scan_source(src, layout, exclude=out_resolved)
+    source = scan_source(src, layout, exclude=out_resolved, follow_links=follow_links)
     if Path(source.root).resolve() == out_resolved:
         raise DataError(f"{out}: the output directory cannot be the source directory")
+    identity = source_label if source_label is not None else str(_resolved(src))
+    if not overwrite:
+        _refuse_another_dataset(out, identity)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / STATE_DIR).mkdir(exist_ok=True)
+        write_json_atomic(out / STATE_DIR / SOURCE_RECORD, {"source": identity})
     except OSError as exc:
         raise DataError(f"{out}: cannot create the output directory ({exc})") from None
 
@@ -425,6 +508,41 @@ def write_shards(
                    seed=seed, max_count=max_count, max_bytes=max_bytes,
                    encode_options=encode_options, layout=layout,
                    source_label=source_label if source_label is not None else str(src))
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+def _recorded_source(out: Path) -> str | None:
+    """What source `out` was written from: the writer's record, else its manifest's."""
+    for path, keys in ((out / STATE_DIR / SOURCE_RECORD, ("source",)),
+                       (out / MANIFEST_NAME, ("writer", "options", "source"))):
+        try:
+            value: Any = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _refuse_another_dataset(out: Path, identity: str) -> None:
+    """`out` may be new, empty, or hold a (complete or interrupted) write of the same source;
+    shards of another dataset are not replaced without `overwrite` (as `lsdr export`)."""
+    if not out.is_dir():
+        return
+    shards = sorted(e.name for e in os.scandir(out) if SHARD_RE.match(e.name))
+    recorded = _recorded_source(out)
+    if recorded is None and not shards and not (out / MANIFEST_NAME).exists():
+        return
+    if recorded is not None and (recorded == identity or _resolved(recorded) == _resolved(identity)):
+        return
+    what = f"the shards of {recorded}" if recorded else f"{len(shards)} shards of unknown origin"
+    raise DataError(f"{out}: holds {what}, not of {identity}; writing here would replace them "
+                    "(use --overwrite, or another output directory)")
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -537,7 +655,7 @@ def _finish(out: Path, plan: list[PlannedShard], records: dict[str, dict[str, An
             max_count: int, max_bytes: int, encode_options: dict[str, Any], layout: str,
             source_label: str) -> WriteResult:
     ordered = [records[s.name] for s in plan]
-    skipped_files = [s for r in ordered for s in r["skipped"]]
+    skipped_files = source.skipped + [s for r in ordered for s in r["skipped"]]
     notes: collections.Counter[str] = collections.Counter()
     for r in ordered:
         notes.update(r["notes"])

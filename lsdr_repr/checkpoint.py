@@ -365,6 +365,31 @@ def load_latest(run_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
+def load_resume_state(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """What `lsdr train` resumes from: `load_latest`, but a run directory whose checkpoints all
+    fail to verify or load raises `CheckpointError` naming them, rather than returning None.
+
+    Starting again from step 0 there would overwrite the files (which may be repairable, or be a
+    copy still in flight), reuse the W&B run id and duplicate the metrics of the lost steps.
+    """
+    found = list_checkpoints(run_dir)
+    reasons = []
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            reason = _strip_path(str(exc), path)
+            log.warning("skipping checkpoint %s: %s", path, reason)
+            reasons.append(f"{path.name} ({reason})")
+    if not reasons:
+        return None
+    raise CheckpointError(
+        f"none of the checkpoints in {checkpoint_dir(run_dir)} can be read: "
+        f"{'; '.join(reasons)}; not starting again from step 0 over them (move them away to "
+        "start afresh)"
+    )
+
+
 def find_latest_valid(run_dir: str | Path) -> Path | None:
     """Path of the newest checkpoint of RUN_DIR that verifies and loads (see `load_latest`)."""
     found = load_latest(run_dir)

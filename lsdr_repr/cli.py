@@ -98,11 +98,21 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lsdr_repr.config import check_required, load_config
-    from lsdr_repr.train import train
+    from lsdr_repr.preemption import PreemptionFlag
 
-    cfg = load_config(args.config, args.overrides)
-    check_required(cfg, args.config)
-    result = train(cfg)
+    # `main` installed the handlers before the parser's imports; this adds the config's signal.
+    preempt = getattr(args, "preempt", None) or PreemptionFlag("SIGUSR2")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_required(cfg, args.config)
+        preempt.watch(cfg.train.preempt_signal)
+        log.info("train: %s stop the run with a checkpoint and exit status 3",
+                 " or ".join(sorted(s.name for s in preempt.signals)))
+        from lsdr_repr.train import train
+
+        result = train(cfg, preempt=preempt)
+    finally:
+        preempt.close()
     print(f"step {result.step}/{cfg.train.total_steps}; checkpoint: {result.checkpoint}; "
           f"W&B run: {result.wandb_path}")
     return result.exit_code
@@ -129,9 +139,35 @@ def load_snippet(export_dir) -> str:
     )
 
 
+def _early_preemption_flag(argv: Sequence[str]):
+    """For `lsdr train`: the preemption handlers, installed before anything heavy is imported.
+
+    Building the parser imports torch (export and evaluation register subcommands), seconds on a
+    loaded node; SLURM's SIGTERM or SIGUSR2 in those seconds would kill the job with 143/140,
+    which the sbatch script does not requeue. Caught here, it ends the run with exit 3.
+    """
+    positional = [a for a in argv if not a.startswith("-")]
+    if not positional or positional[0] != "train":
+        return None
+    from lsdr_repr.preemption import PreemptionFlag
+
+    return PreemptionFlag("SIGUSR2")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preempt = _early_preemption_flag(argv)
+    try:
+        return _main(argv, preempt)
+    finally:
+        if preempt is not None:
+            preempt.close()
+
+
+def _main(argv: list[str], preempt) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.preempt = preempt
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -316,14 +316,25 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise ConfigError(f"{path}: {yaml_error_line(exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     apply_overrides(raw, overrides, source=str(path))
     return config_from_dict(raw, source=str(path))
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """The parser's reason and both of its places, in one line: where it gave up, and where the
+    construct it was inside began (an unclosed bracket on line 4 is only noticed on line 5)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    text = f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}" \
+        if mark else f"not valid YAML: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} that began at line {context_mark.line + 1})"
+    return text
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> None:
@@ -336,6 +347,11 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> 
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if "#" in text and "#" not in repr(value):
+            # YAML read " #..." as a comment and dropped it: never change a value silently.
+            raise ConfigError(f"{source}: override '{item}': YAML reads ' #' as the start of a "
+                              f"comment, which would leave {key}={value!r}; quote the value "
+                              f"({key}='\"...\"') to keep the '#'")
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -357,11 +373,22 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
             raise ConfigError(f"{source}: augment.preset: unknown preset '{name}' (known: {known})")
         raw["augment"] = _deep_merge(AUGMENT_PRESETS[name], augment)
     cfg = _build(Config, raw, "", source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    """Values of the right type that cannot work, refused here so the message names the key and
+    the file (rather than a traceback from deep inside the run)."""
+    if cfg.data.batch_size < 2:
+        # BatchNorm in training mode, and the variance and covariance terms, need two images.
+        raise ConfigError(f"{source}: data.batch_size: must be at least 2 (the global batch; "
+                          f"BatchNorm and the variance terms need 2 images), got "
+                          f"{cfg.data.batch_size}")
     if cfg.augment.kornia:  # kornia loads only for configs that name its modules
         from lsdr_repr.kornia_ops import check_specs
 
         check_specs(cfg.augment.kornia, source, cfg.augment.num_views + cfg.augment.local_crops)
-    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -49,7 +49,19 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
-            log.warning("received %s: finishing this step, then checkpoint and exit", self.received.name)
+            log.warning("received %s: finishing this step, then checkpoint and exit",
+                        self.received.name)
+
+    def watch(self, preempt_signal: str) -> None:
+        """Also handle `preempt_signal` (the config's, known once it is loaded)."""
+        sig = parse_signal(preempt_signal)
+        if sig not in self._previous:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def signals(self) -> list[signal.Signals]:
+        """The signals this flag handles (while installed)."""
+        return list(self._previous)
 
     @property
     def is_set(self) -> bool:

@@ -17,6 +17,7 @@ the environment.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import math
@@ -137,8 +138,13 @@ class RunTracker(Tracker):
                 log.warning("%s is unreadable; starting it again", path)
         merged.update(values)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk at the end of a run must not hide how it ended
+            tmp.unlink(missing_ok=True)
+            log.error("%s: cannot be written (%s); the summary is in the log only: %s", path,
+                      exc.strerror or exc, json.dumps(values, sort_keys=True))
         self._wandb(lambda run: run.summary.update(values))
 
     def finish(self, exit_code: int | None = None) -> None:
@@ -166,17 +172,42 @@ class RunLog:
     """Appends one JSON line per `append` call: {"step", "time", "metrics"}.
 
     Non-finite values are written as the strings "nan", "inf", "-inf" (strict JSON, still legible).
+    A failed write (a full disk) never stops training and never leaves a torn line: the file is
+    cut back to its last complete line, the failure is logged once, and later appends retry (the
+    lines of the steps in between are lost; W&B, if on, still has them).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+        # Unbuffered: each line is one write(), so a failure is known at once and can be undone.
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - open for the run
+        self._failing = False
 
     def append(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), "time": round(time.time(), 3),
                   "metrics": {k: _json_number(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # `lsdr status` and `tail -f` read it while the run goes on
+        line = (json.dumps(record) + "\n").encode()
+        end = os.fstat(self._file.fileno()).st_size
+        try:
+            written = self._file.write(line)  # `lsdr status` and `tail -f` read it as it goes
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        except OSError as exc:
+            self._cut_back(end)
+            if not self._failing:
+                log.error("%s: cannot append the metrics of step %d (%s); training goes on, "
+                          "the next lines are retried", self.path, step, exc.strerror or exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("%s: appending works again from step %d", self.path, step)
+        self._failing = False
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            os.ftruncate(self._file.fileno(), size)
+        except OSError as exc:  # should not happen: truncation frees space
+            log.error("%s: could not remove a partly written line: %s", self.path, exc)
 
     def close(self) -> None:
         self._file.close()

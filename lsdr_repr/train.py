@@ -23,17 +23,18 @@ from lsdr_repr.augment import build_augment
 from lsdr_repr.checkpoint import (
     capture_rng_state,
     find_latest_valid,
-    load_latest,
+    load_resume_state,
     make_checkpoint_writer,
     restore_rng_state,
 )
 from lsdr_repr.config import Config, config_to_dict, dump_config
-from lsdr_repr.errors import CheckpointError, LsdrError
+from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
 from lsdr_repr.models import build_model
 from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
 from lsdr_repr.prefetch import Prefetcher
+from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ __all__ = ["EXIT_DIVERGED", "EXIT_OK", "EXIT_PREEMPTED", "TrainResult", "Trainer
 
 
 CHECKPOINT_FORMAT_VERSION = 1
+# Config values the learning-rate schedule is built from: when a resume changes one, the schedule
+# is rebuilt from the current config instead of restored (see `Trainer._restore`).
+SCHEDULE_KEYS = (
+    ("train", "total_steps"), ("optim", "lr"), ("optim", "lr_scaling"),
+    ("optim", "base_batch_size"), ("optim", "warmup_steps"), ("optim", "min_lr_ratio"),
+    ("data", "batch_size"),
+)
 
 
 class TrainingDiverged(LsdrError):
@@ -77,22 +85,61 @@ def resolve_device_type(requested: str) -> str:
     return "cuda"
 
 
-def train(cfg: Config) -> TrainResult:
-    """Train or resume the run in `cfg.train.run_dir`; returns the exit code and where things are."""
+def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
+    """Train or resume the run in `cfg.train.run_dir`; returns the exit code and where things are.
+
+    `preempt`: a flag installed by the caller before its heavy imports, so that a preemption
+    signal during start-up also ends with EXIT_PREEMPTED (the CLI passes one); None: one is
+    installed here.
+    """
     env = dist.read_dist_env()
     device = dist.init_distributed(env, resolve_device_type(cfg.train.device))
     try:
-        return Trainer(cfg, env, device).run()
+        with _lock_run_dir(cfg.train.run_dir, env.rank):
+            return Trainer(cfg, env, device, preempt=preempt).run()
+    except OSError as exc:
+        # A full disk or a vanished mount outside the checkpoint writer (config.yaml, the W&B id
+        # file...): one line naming the file, not a traceback and an undocumented status.
+        where = exc.filename or cfg.train.run_dir
+        raise LsdrError(f"{where}: {exc.strerror or exc} (the checkpoints written so far are "
+                        "intact; run again to resume)") from exc
     finally:
         dist.cleanup()
 
 
+@contextlib.contextmanager
+def _lock_run_dir(run_dir: str, rank: int):
+    """Rank 0 holds RUN_DIR/.lock for the whole run; every rank fails alike if it cannot."""
+    lock = RunDirLock(run_dir) if rank == 0 else None
+    refused = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirLocked as exc:
+            refused = str(exc)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise RunDirLocked(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 class Trainer:
-    def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device) -> None:
+    def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device,
+                 preempt: PreemptionFlag | None = None) -> None:
         from data_pipelines.reader import make_train_loader, read_manifest, to_device
 
         self.cfg, self.env, self.device = cfg, env, device
         self.rank, self.world_size = env.rank, env.world_size
+        self.preempt = preempt
+        if cfg.data.batch_size // self.world_size < 2:
+            # BatchNorm (and the variance and covariance terms) need two images per rank.
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} gives "
+                              f"{cfg.data.batch_size // self.world_size} image(s) per rank on "
+                              f"{self.world_size} rank(s); at least 2 per rank are needed")
         self.run_dir = Path(cfg.train.run_dir)
         self.global_batch = cfg.data.batch_size
         self.to_device = to_device
@@ -146,9 +193,18 @@ class Trainer:
         self.wandb_run_id: str | None = None
         self._save_failed = False  # report a failing periodic save once, not at every interval
         self._last_projection: torch.Tensor | None = None
-        resume_path, resume_state = load_latest(self.run_dir) or (None, None)
+        # Divergence guard: the newest checkpoint written (or resumed from) before any non-finite
+        # step, and the last non-finite step. No checkpoint is written until the loss has been
+        # finite for a whole `checkpoint_every` interval, so the rotation never removes the
+        # checkpoints from before a divergence (whose last finite steps may already have blown
+        # the weights up while they stayed finite).
+        self.good_checkpoint: Path | None = None
+        self._last_nonfinite_step: int | None = None
+        # Refuses (CheckpointError) when every checkpoint is unreadable, instead of step 0.
+        resume_path, resume_state = load_resume_state(self.run_dir) or (None, None)
         if resume_state:
             self.wandb_run_id = resume_state.get("wandb_run_id")
+            self.good_checkpoint = resume_path
 
         is_main = self.rank == 0
         self.config_dict = config_to_dict(cfg)
@@ -171,11 +227,16 @@ class Trainer:
     def _restore(self, path: Path, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         self.skipped_samples = int(state.get("skipped_samples", 0))
-        _warn_config_changes(state.get("config", {}), config_to_dict(self.cfg))
+        saved_config = state.get("config", {})
+        _warn_config_changes(saved_config, config_to_dict(self.cfg))
+        changed = schedule_changes(saved_config, self.config_dict)
+        if changed:
+            self._rebuild_schedule(changed)
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         if int(state.get("world_size", 1)) == self.world_size:
             rng = state["rng"][self.rank]
             restore_rng_state(rng["global"])
@@ -188,6 +249,19 @@ class Trainer:
                 path, state.get("world_size"), self.world_size,
             )
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _rebuild_schedule(self, changed: list[str]) -> None:
+        """Follow the current config's schedule from the current step: the learning rate is what
+        a run configured so from the start would have now (extending a finished 40-step run to
+        80 steps continues half-way down the new cosine, not at the old one's floor)."""
+        # The optimiser state just loaded carries the old run's base lr ("initial_lr"); the
+        # scheduler built from the current config holds the new one.
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_values):
+            group["initial_lr"] = base
+        self.scheduler.step_update(self.step)
+        log.warning("learning-rate schedule rebuilt for the changed %s: from step %d it follows "
+                    "the current config (lr now %.6g)", ", ".join(changed), self.step,
+                    self.optimizer.param_groups[0]["lr"])
 
     def _checkpoint_state(self) -> dict:
         # Collective: every rank contributes its random state and data-stream position.
@@ -217,6 +291,14 @@ class Trainer:
         }
 
     def _save(self, *, final: bool) -> Path | None:
+        every = self.cfg.train.checkpoint_every
+        if self._last_nonfinite_step is not None and \
+                self.step - self._last_nonfinite_step < every:
+            log.warning("step %d: checkpoint not written: the loss was non-finite at step %d, "
+                        "less than train.checkpoint_every=%d steps ago; the last good checkpoint "
+                        "%s is kept", self.step, self._last_nonfinite_step, every,
+                        self.good_checkpoint or "(none yet)")
+            return None
         if not self._weights_finite():
             log.error("step %d: weights are not finite; checkpoint not written, the last good "
                       "one is kept", self.step)
@@ -232,6 +314,7 @@ class Trainer:
             self._save_failed = True
             return None
         self._save_failed = False
+        self.good_checkpoint = path
         return path
 
     def _weights_finite(self) -> bool:
@@ -313,7 +396,8 @@ class Trainer:
         and tests; no final checkpoint unless total_steps is reached)."""
         cfg = self.cfg.train
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
-        preempt = PreemptionFlag(cfg.preempt_signal)
+        own_flag = self.preempt is None
+        preempt = PreemptionFlag(cfg.preempt_signal) if own_flag else self.preempt
         nonfinite_streak = 0
         last_ckpt: Path | None = None
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
@@ -328,6 +412,16 @@ class Trainer:
             self._feed.ahead = self.overlap
             if self.step >= cfg.total_steps:
                 log.info("run already complete at step %d", self.step)
+            elif self._agree(preempt.is_set):
+                # The signal came during start-up (imports, model, loader): nothing new to save;
+                # the newest checkpoint (if any) already holds this state. Exit 3 so the SLURM
+                # script requeues the job instead of losing it.
+                log.warning("preempted during start-up at step %d (%s): nothing new to "
+                            "checkpoint (resume from %s), exiting with %d", self.step,
+                            preempt.received.name if preempt.received else "signal",
+                            self.good_checkpoint or "the start", EXIT_PREEMPTED)
+                exit_code = EXIT_PREEMPTED
+                end = self.step
             while self.step < end:
                 staged = next(self._feed)
                 chunks, skipped = staged.value
@@ -346,13 +440,17 @@ class Trainer:
                 else:
                     nonfinite_streak += 1
                     self.nonfinite_total += 1
+                    self._last_nonfinite_step = self.step
                     log.warning("step %d: non-finite loss, step skipped (%d in a row)",
                                 self.step, nonfinite_streak)
                     if nonfinite_streak >= cfg.max_nonfinite_steps:
+                        kept = (f"the last good checkpoint is {self.good_checkpoint}"
+                                if self.good_checkpoint else "no checkpoint was written before it")
                         raise TrainingDiverged(
                             f"loss was non-finite for {nonfinite_streak} steps in a row at step "
-                            f"{self.step}; stopped without overwriting the last good checkpoint "
-                            f"(lower optim.lr or set optim.clip_grad)"
+                            f"{self.step} (since step {self.step - nonfinite_streak + 1}); no "
+                            f"checkpoint written since, {kept} (lower optim.lr or set "
+                            f"optim.clip_grad)"
                         )
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
@@ -366,6 +464,12 @@ class Trainer:
                 self._online_eval()
 
                 stop = self._agree(preempt.is_set)
+                if stop and self.step >= cfg.total_steps:
+                    # The signal came during the final step: the run is complete, and exit 3
+                    # would make the SLURM script requeue a finished job.
+                    log.info("received %s during the final step: the run is complete",
+                             preempt.received.name if preempt.received else "a signal")
+                    stop = False
                 if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                     last_ckpt = self._save(final=stop or self.step == cfg.total_steps) or last_ckpt
                 if stop:
@@ -380,7 +484,8 @@ class Trainer:
             log.error("%s", exc)
             exit_code = EXIT_DIVERGED
         finally:
-            preempt.close()
+            if own_flag:
+                preempt.close()
             if not paused:  # stopped by max_steps: run() may be called again to go on
                 self._feed = None
                 self.progress.close()
@@ -451,6 +556,16 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     return torch.bfloat16
+
+
+def schedule_changes(saved: dict, current: dict) -> list[str]:
+    """The `SCHEDULE_KEYS` ("optim.lr", ...) whose values differ between two config dicts."""
+    changed = []
+    for section, key in SCHEDULE_KEYS:
+        old = saved.get(section, {}).get(key)
+        if old is not None and old != current.get(section, {}).get(key):
+            changed.append(f"{section}.{key}")
+    return changed
 
 
 def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:

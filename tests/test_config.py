@@ -131,3 +131,32 @@ def test_cli_config_prints_resolved_yaml(tmp_path, capsys):
     assert main(["config", str(path), "optim.lr=0.5"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.5 and printed["train"]["run_dir"] == "r"
+
+
+# ----------------------------------------------------------- one-line errors (issue 15)
+def test_a_yaml_syntax_error_names_the_parser_reason_and_the_lines(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  batch_size: 16\noptim:\n  lr: [0.1\n  name: lars\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text
+    assert "expected ',' or ']'" in text  # the parser's reason (was hidden)
+    assert "line 4" in text  # where the unclosed bracket is (only line 5 was named)
+
+
+def test_an_override_whose_value_yaml_would_cut_at_a_comment_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("log:\n  wandb:\n    name: x\n")
+    with pytest.raises(ConfigError, match=r"log\.wandb\.name=run #3.*comment"):
+        load_config(path, ["log.wandb.name=run #3"])
+    assert load_config(path, ['log.wandb.name="run #3"']).log.wandb.name == "run #3"
+    assert load_config(path, ["log.wandb.name=run#3"]).log.wandb.name == "run#3"
+
+
+@pytest.mark.parametrize("size", [0, 1, -4])
+def test_a_batch_below_two_names_the_key_and_the_file(tmp_path, size):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"{path}: data\.batch_size: must be at least 2"):
+        load_config(path, [f"data.batch_size={size}"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -382,3 +384,36 @@ def test_interpreter_exits_with_loader_workers_still_running(sample_shards, tmp_
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------- lost samples counted exactly (issue 15)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_broken_shard_counts_exactly_the_samples_it_lost_once_naming_it(
+        unique_label_shards, tmp_path, caplog, num_workers):
+    shards = tmp_path / "shards"
+    shutil.copytree(unique_label_shards, shards)  # 8 shards of 8 samples, labels 0..63
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    garbage, cut = shards / names[2], shards / names[5]
+    garbage.write_bytes(os.urandom(garbage.stat().st_size))  # all 8 samples lost
+    whole = cut.read_bytes()
+    with tarfile.open(cut) as tar:
+        members = tar.getmembers()
+    # cut inside the 4th sample's image: 3 samples read, 5 lost
+    fourth_jpg = next(m for m in members if m.name.endswith(".jpg")
+                      and sorted({x.name.split(".")[0] for x in members}).index(
+                          m.name.split(".")[0]) == 3)
+    cut.write_bytes(whole[: fourth_jpg.offset_data + 10])
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.reader"):
+        batches = list(make_eval_loader(shards, 8, batch_size=5, num_workers=num_workers))
+    seen = sum(len(b.labels) for b in batches)
+    skipped = sum(b.skipped for b in batches)
+    assert (seen, skipped) == (64 - 8 - 5, 8 + 5)  # the old reader: 1 + 2 (or 3)
+    lines = [r.getMessage() for r in caplog.records]
+    # the pass ends with one line (in this process) saying what it left out
+    assert sum("read 51 samples, skipped 13" in line for line in lines) == 1, lines
+    if num_workers:
+        return  # the per-shard lines are logged in the worker processes
+    assert sum(names[2] in line for line in lines) == 1, lines
+    assert sum(names[5] in line for line in lines) == 1, lines
+    assert any("8 sample(s) lost" in line and names[2] in line for line in lines)
+    assert any("5 sample(s) lost" in line and names[5] in line for line in lines)

@@ -73,6 +73,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
+def metrics_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(find_latest_valid(run_dir))["model"]
 
@@ -138,7 +143,8 @@ def test_preemption_signal_checkpoints_and_exits_with_the_requeue_status(sample_
         sample_shards, run_dir, "train.total_steps=400", "train.checkpoint_every=100",
         "log.wandb.mode=disabled")]
     proc = cli_process(args)
-    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), timeout=180, proc=proc)
+    # Mid-run: after the first logged step (a signal during start-up has nothing to save).
+    wait_for(lambda: metrics_lines(run_dir) > 0, timeout=180, proc=proc)
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, out

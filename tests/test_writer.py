@@ -343,3 +343,64 @@ def test_cli_write_prints_a_summary(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         lsdr_main(["shards", "write", "--help"])
     assert info.value.code == 0 and "example:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- symlinks (issue 15)
+def test_symlink_loops_repeats_and_links_out_of_the_source_are_listed_once_or_left_out(
+        tmp_path):
+    src = tmp_path / "src"
+    for c in ("cat", "dog"):
+        for i in range(3):
+            save_image(src / c / f"{i}.png", seed=10 * len(c) + i)
+    os.symlink("..", src / "dog" / "loop")  # a loop: src/dog/loop/dog/loop/... and every cat
+    os.symlink("../cat", src / "dog" / "cats")  # cat images under the dog label
+    os.symlink("/etc/passwd", src / "dog" / "passwd")  # a file out of the source
+    os.symlink("../cat/0.png", src / "dog" / "again.png")  # one file listed twice
+    (src / "dog" / "sub").mkdir()
+    os.symlink("../../dog", src / "dog" / "sub" / "up")  # a loop one level down
+
+    result = write_shards(src, tmp_path / "out", workers=1)
+    assert result.written == 6  # the old writer: dozens, cat images labelled dog too
+    labels = {s: int(m["cls"]) for s, m in by_source(tmp_path / "out").items()}
+    assert labels == {f"{c}/{i}.png": n for n, c in enumerate(("cat", "dog")) for i in range(3)}
+    report = json.loads((tmp_path / "out" / "write_report.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in report["skipped_files"]}
+    assert set(reasons) == {"dog/loop", "dog/cats", "dog/passwd", "dog/again.png", "dog/sub/up"}
+    assert "outside the source" in reasons["dog/passwd"]
+    assert "same directory as ." in reasons["dog/loop"]
+    assert "same file as cat/0.png" in reasons["dog/again.png"]
+
+
+def test_follow_links_reads_links_out_of_the_source_but_still_breaks_loops(tmp_path):
+    store = tmp_path / "store"
+    for i in range(2):
+        save_image(store / f"{i}.png", seed=i)
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    save_image(src / "a" / "x.png", seed=5)
+    os.symlink(store, src / "b")  # a class folder kept elsewhere (a common layout)
+    os.symlink("..", src / "a" / "loop")
+    assert write_shards(src, tmp_path / "out", workers=1).written == 1  # b: left out
+    result = write_shards(src, tmp_path / "out2", workers=1, follow_links=True)
+    assert result.written == 3
+    assert sorted(by_source(tmp_path / "out2")) == ["a/x.png", "b/0.png", "b/1.png"]
+
+
+# ------------------------------------------------------- another dataset's shards (issue 15)
+def test_writing_into_the_shards_of_another_dataset_is_refused_without_overwrite(
+        image_folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    for i in range(3):
+        save_image(other / f"{i}.png", seed=50 + i)
+    out = tmp_path / "out"
+    write_shards(image_folder, out, max_count=5, workers=1)
+    before = {p.name: sha256_file(p) for p in out.glob("*.tar")}
+    code = lsdr_main(["shards", "write", str(other), str(out), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--overwrite" in err[0] and str(image_folder) in err[0]
+    assert {p.name: sha256_file(p) for p in out.glob("*.tar")} == before  # nothing deleted
+    # The same source again resumes / keeps its shards; --overwrite replaces them.
+    assert write_shards(image_folder, out, max_count=5, workers=1).shards_reused
+    code = lsdr_main(["shards", "write", str(other), str(out), "--workers", "1", "--no-progress",
+                      "--overwrite"])
+    assert code == 0 and read_manifest(out).num_samples == 3
