@@ -1,11 +1,12 @@
 """data_pipelines.sources + the reader on every source kind: foreign shards (webdataset's own
 TarWriter, no manifest) from a local directory, a glob, a loopback HTTP server, `pipe:cat`,
 fsspec's file:// and memory:// filesystems and a weighted mixture; exact resume on each; start-up
-errors through `lsdr train`."""
+errors through `lsdr train`; `lsdr shards index`."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -24,6 +25,8 @@ from test_train import DEMO, TINY
 from webdataset import TarWriter
 
 from data_pipelines.images import decode_to_square
+from data_pipelines.index import build_index
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from data_pipelines.reader import (
     make_eval_loader,
     make_train_loader,
@@ -31,6 +34,7 @@ from data_pipelines.reader import (
     worker_shards,
 )
 from data_pipelines.sources import resolve_source
+from data_pipelines.verify import verify_shards
 from lsdr_repr.cli import main
 from lsdr_repr.config import DataConfig, SourceConfig
 from lsdr_repr.errors import ConfigError, DataError
@@ -247,7 +251,7 @@ def test_unreadable_sources_fail_at_start_up_in_one_line(kind, tmp_path, capfd):
     assert not (run_dir / "checkpoints").exists()  # at start-up: nothing was trained
 
 
-# ------------------------------------------------------------------------- no manifest
+# ------------------------------------------------------------------ no manifest, index
 def test_training_without_a_manifest_logs_samples_not_epochs(foreign, tmp_path, caplog):
     root, _ = foreign
     run_dir = tmp_path / "run"
@@ -262,6 +266,56 @@ def test_training_without_a_manifest_logs_samples_not_epochs(foreign, tmp_path, 
     logged = [r for r in rows if "samples_seen" in r]
     assert [r["samples_seen"] for r in logged] == [16, 32]
     assert not any("epoch" in r for r in rows)
+
+
+def test_index_builds_a_manifest_that_verify_and_training_accept(foreign, tmp_path, capsys):
+    root, _ = foreign
+    shards = tmp_path / "copy"
+    shards.mkdir()
+    for path in (root / "a").glob("*.tar"):
+        (shards / path.name).write_bytes(path.read_bytes())
+    assert main(["shards", "index", str(shards), "--no-progress"]) == 0
+    assert f"manifest: {shards / MANIFEST_NAME}" in capsys.readouterr().out
+    manifest = read_manifest(shards)
+    assert manifest.num_samples == 24 and [s.num_samples for s in manifest.shards] == [6] * 4
+    assert not manifest.labelled  # the last shard has no cls
+    for info in manifest.shards:
+        assert info.sha256 == sha256_file(shards / info.name)
+        assert info.bytes == (shards / info.name).stat().st_size
+    report = verify_shards(shards)
+    assert report.ok and report.good == 24
+    assert make_train_loader(cfg(str(shards)), seed=0).num_samples == 24
+
+
+def test_index_of_http_shards_to_a_local_manifest(foreign, http_base, tmp_path):
+    spec = f"{http_base}/a/f-{{00000..00003}}.tar"
+    with pytest.raises(DataError, match="pass --out"):
+        build_index(spec, progress=False)
+    out = tmp_path / "laion.json"
+    result = build_index(spec, out=str(out), progress=False)
+    assert json.loads(out.read_text())["shard_root"] == f"{http_base}/a"
+    source = resolve_source(str(out))  # a local manifest of remote shards
+    assert list(source.urls) == [f"{http_base}/a/f-{i:05d}.tar" for i in range(4)]
+    assert source.manifest.num_samples == result.manifest.num_samples == 24
+    assert sum(len(b.labels) for b in make_eval_loader(str(out), SIZE, 10)) == 24
+
+
+def test_index_writes_next_to_fsspec_shards_and_is_found_there(memory_shards):
+    import fsspec
+
+    result = build_index(memory_shards, progress=False)
+    # fsspec spells the URLs it lists memory:///lsdr-test/...: the same place
+    assert result.written_to.replace(":///", "://") == f"{memory_shards}/{MANIFEST_NAME}"
+    raw = json.loads(fsspec.filesystem("memory").cat(f"/lsdr-test/a/{MANIFEST_NAME}"))
+    assert "shard_root" not in raw  # next to the shards: the folder can move with it
+    source = resolve_source(memory_shards)
+    assert source.manifest is not None and source.manifest.num_samples == 24
+    assert all(u.startswith("memory://") for u in source.urls)
+    digest = hashlib.sha256(fsspec.filesystem("memory").cat(source.urls[0])).hexdigest()
+    assert source.manifest.shards[0].sha256 == digest
+    # a brace pattern of some of those shards finds the sibling manifest, restricted to them
+    some = resolve_source(f"{memory_shards}/f-{{00001..00002}}.tar")
+    assert some.manifest is not None and some.manifest.num_samples == 12
 
 
 def test_an_unfinished_write_is_not_read_as_shards_without_a_manifest(tmp_path):
