@@ -323,3 +323,29 @@ def test_an_unfinished_write_is_not_read_as_shards_without_a_manifest(tmp_path):
     (tmp_path / "shard-000000.tar").write_bytes(b"\0" * 1024)
     with pytest.raises(DataError, match="has not finished here"):
         resolve_source(str(tmp_path))
+
+
+def test_a_manifest_next_to_http_shards_is_found_and_used(foreign, http_base):
+    root, _ = foreign
+    copy = root / "indexed"  # served by the loopback server like the others
+    copy.mkdir(exist_ok=True)
+    for path in (root / "a").glob("*.tar"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    build_index(str(copy), progress=False)
+    whole = resolve_source(f"{http_base}/indexed/")  # a folder URL: its manifest.json
+    assert list(whole.urls) == [f"{http_base}/indexed/f-{i:05d}.tar" for i in range(4)]
+    assert whole.manifest.num_samples == 24
+    some = resolve_source(f"{http_base}/indexed/f-{{00001..00002}}.tar")
+    assert some.manifest.num_samples == 12  # the sibling manifest, restricted to these shards
+    loader = make_train_loader(cfg(f"{http_base}/indexed/"), seed=0)
+    assert loader.num_samples == 24 and len(next(iter(loader)).labels) == 4
+    with pytest.raises(DataError, match=r"/a/: an http:// folder cannot be listed"):
+        resolve_source(f"{http_base}/a/")  # no manifest there, and http cannot list
+
+
+def test_directories_and_patterns_joined_with_double_colons(foreign):
+    root, _ = foreign
+    source = resolve_source(f"{root / 'a'}::{root / 'b' / 'g-*.tar'}")
+    assert [Path(u).name for u in source.urls] == [f"f-{i:05d}.tar" for i in range(4)] + [
+        "g-00000.tar", "g-00001.tar"]
+    assert source.manifest is None  # two directories: no one manifest describes them
