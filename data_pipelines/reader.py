@@ -583,6 +583,8 @@ def resolve_train_data(data_cfg: Any) -> TrainData:
     specs = ([(str(m.shards), float(m.weight)) for m in mixture] if mixture
              else [(str(data_cfg.train_shards), 1.0)])
     for i, (spec, weight) in enumerate(specs):
+        if mixture and not spec.strip():
+            raise ConfigError(f"data.sources[{i}].shards is not set")
         if not weight > 0 or not math.isfinite(weight):
             raise ConfigError(f"data.sources[{i}].weight must be a positive number, got {weight}")
     if len(specs) > 1 and not data_cfg.resampled and any(w != 1.0 for _, w in specs):

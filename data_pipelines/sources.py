@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import posixpath
 import re
@@ -41,6 +42,8 @@ from data_pipelines.manifest import (
 )
 from lsdr_repr.errors import DataError
 
+log = logging.getLogger(__name__)
+
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WRITE_STATE_DIR = ".lsdr-write"  # the writer's state folder (data_pipelines.writer.STATE_DIR)
 # Schemes webdataset opens itself (gopen: curl, subprocesses, plain files). Everything else with
@@ -54,6 +57,8 @@ SCHEME_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azur
 CURL_EXITS = {6: "could not resolve the host", 7: "could not connect", 22: "HTTP error status",
               28: "timed out", 35: "TLS handshake failed", 56: "connection reset"}
 GLOB_CHARS = re.compile(r"[*?\[]")
+# http(s) cannot be listed, and `?` (a query, a presigned URL) and `[` (an IPv6 host) are common
+HTTP_GLOB = re.compile(r"\*")
 
 
 @dataclass(frozen=True)
@@ -247,12 +252,14 @@ def _directory_shards(part: str, text: str) -> list[str]:
 
 def _expand_part(part: str, text: str) -> list[str]:
     """One brace-expanded piece: globbed when it has glob characters."""
-    if not GLOB_CHARS.search(part) or scheme(part) == "pipe":
-        return [part]
     kind = scheme(part)
+    if not GLOB_CHARS.search(part) or kind == "pipe":
+        return [part]
     if kind == "":
         return sorted(glob.glob(part))
     if not _lists_with_fsspec(part):
+        if not HTTP_GLOB.search(part):
+            return [part]
         raise DataError(f"{part}: {kind}:// URLs cannot be globbed: use a brace pattern "
                         f"({{000000..000099}})")
     fs, path = filesystem(part)
@@ -337,22 +344,30 @@ def _sibling_manifest(urls: Sequence[str]) -> Manifest | None:
 
 # --------------------------------------------------------------------------- reading checks
 def read_bytes(url: str, *, missing_ok: bool = False) -> bytes | None:
-    """The whole (small) file at `url` through webdataset's `gopen`; None when it is missing
-    and `missing_ok` (for http(s), any failure counts as missing: curl cannot tell us more)."""
+    """The whole (small) file at `url` through webdataset's `gopen`.
+
+    With `missing_ok` (an optional manifest) a file that is not there, or cannot be read, gives
+    None: for http(s) curl cannot tell the two apart, and a bucket may deny reading a missing key
+    without a listing permission. The shards themselves are checked by `check_readable`.
+    """
     from webdataset.gopen import gopen
 
     register_openers([url])
     try:
         with gopen(url) as stream:
             return stream.read()
+    except DataError:
+        raise  # a missing extra: nothing of this source can be read
     except FileNotFoundError:
         if missing_ok:
             return None
         raise DataError(f"{url}: no such file") from None
-    except OSError as exc:
-        if missing_ok and scheme(url) in ("http", "https"):
-            return None
-        raise DataError(f"{url}: cannot be read ({_reason(exc, url)})") from None
+    except Exception as exc:  # noqa: BLE001 (curl's exit status, each fsspec's own types)
+        if not missing_ok:
+            raise DataError(f"{url}: cannot be read ({_reason(exc, url)})") from None
+        if scheme(url) not in ("http", "https"):
+            log.warning("%s: cannot be read (%s); going on without it", url, _reason(exc, url))
+        return None
 
 
 def check_readable(url: str, source: str) -> None:

@@ -47,7 +47,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     # dir (with or without manifest.json), manifest, .tar, brace pattern or glob, http(s)://,
-    # pipe:, s3:// / gs:// / other fsspec URLs; README "Data" lists them
+    # pipe:, s3:// / gs:// / other fsspec URLs (README "Data sources")
     train_shards: str = _required(unless="sources")
     # a weighted mixture instead of train_shards: [{shards: ..., weight: 0.7}, ...]
     sources: list[SourceConfig] = field(default_factory=list)

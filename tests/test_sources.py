@@ -212,6 +212,8 @@ def test_mixture_config_is_checked(foreign):
     with pytest.raises(ConfigError, match=r"sources\[1\]\.weight must be a positive"):
         resolve_train_data(cfg(sources=[SourceConfig(str(root / "a")),
                                         SourceConfig(str(root / "b"), 0.0)]))
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.shards is not set"):
+        resolve_train_data(cfg(sources=[SourceConfig(""), SourceConfig(str(root / "b"))]))
     with pytest.raises(ConfigError, match="need data.resampled: true"):
         resolve_train_data(cfg(resampled=False, sources=[SourceConfig(str(root / "a"), 2.0),
                                                          SourceConfig(str(root / "b"))]))
@@ -349,3 +351,12 @@ def test_directories_and_patterns_joined_with_double_colons(foreign):
     assert [Path(u).name for u in source.urls] == [f"f-{i:05d}.tar" for i in range(4)] + [
         "g-00000.tar", "g-00001.tar"]
     assert source.manifest is None  # two directories: no one manifest describes them
+
+
+def test_http_urls_with_a_query_string_are_not_globs(foreign, http_base):
+    # presigned object-store URLs carry `?X-Amz-...`: a query, not a glob character
+    url = f"{http_base}/a/f-00001.tar?X-Amz-Signature=abc"
+    assert list(resolve_source(url).urls) == [url]
+    assert sum(len(b.labels) for b in make_eval_loader(url, SIZE, 4)) == 6
+    with pytest.raises(DataError, match="cannot be globbed: use a brace pattern"):
+        resolve_source(f"{http_base}/a/*.tar")
