@@ -95,25 +95,33 @@ def _lists_with_fsspec(url: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------- fsspec
-def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path inside it) of `url`; `DataError` naming the extra it needs."""
+def filesystem_class(url: str, name: str = "") -> Any:
+    """The fsspec filesystem class of `url`'s scheme; `DataError` (naming `name`, default `url`)
+    with the extra to install when its package is missing, or for a scheme no one knows."""
     proto = scheme(url)
+    name = name or url
     extra = SCHEME_EXTRAS.get(proto, "fsspec")
     try:
         import fsspec
     except ImportError:
-        raise DataError(f"{url}: {proto}:// URLs need fsspec: pip install "
+        raise DataError(f"{name}: {proto}:// URLs need fsspec: pip install "
                         f"'lsdr-repr[{extra}]'") from None
     try:
-        cls = fsspec.get_filesystem_class(proto)
+        return fsspec.get_filesystem_class(proto)
     except ImportError:
         package = _implementation_package(proto)
         extra = EXTRAS.get(package, SCHEME_EXTRAS.get(proto))
         hint = f"'lsdr-repr[{extra}]'" if extra else package
-        raise DataError(f"{url}: {proto}:// URLs need {package}: pip install {hint}") from None
+        raise DataError(f"{name}: {proto}:// URLs need {package}: pip install {hint}") from None
     except ValueError:
-        raise DataError(f"{url}: unknown URL scheme {proto}:// (neither webdataset nor fsspec "
+        raise DataError(f"{name}: unknown URL scheme {proto}:// (neither webdataset nor fsspec "
                         f"knows it)") from None
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of `url`; `DataError` naming the extra it needs."""
+    proto = scheme(url)
+    cls = filesystem_class(url)
     try:
         fs = cls(**cls._get_kwargs_from_urls(url))
     # fsspec filesystems raise their own types (botocore's NoCredentialsError ...): report any
@@ -164,6 +172,8 @@ def resolve_source(spec: str | os.PathLike) -> Source:
 
 def _resolve(text: str) -> Source:
     parts = _expand(text)
+    for proto in dict.fromkeys(scheme(p) for p in parts if uses_fsspec(p)):
+        filesystem_class(f"{proto}://", text)  # a missing extra, before any file of the spec
     if len(parts) == 1 and not GLOB_CHARS.search(parts[0]):
         whole = _resolve_single(parts[0], text)
         if whole is not None:
