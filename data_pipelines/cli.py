@@ -1,4 +1,4 @@
-"""`lsdr shards ...` subcommands (write, verify, sample).
+"""`lsdr shards ...` subcommands (write, index, verify, sample).
 
 Handlers print a short summary and return the exit status; library errors (`DataError`) are
 turned into one line and status 2 by `lsdr_repr.cli`. `verify` returns 1 when it found problems.
@@ -46,6 +46,20 @@ def add_shard_commands(sub, add) -> None:
                    help="replace the shards of another source in OUT (refused otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_write)
+
+    p = add(sub, "index",
+            "Build a manifest.json for existing shards (img2dataset or any WebDataset writer; "
+            "local, http(s), s3:// ...): sample counts and sha256, streamed once. Training "
+            "needs none, but with one it counts epochs.",
+            "lsdr shards index 's3://bucket/laion/{00000..00999}.tar'")
+    p.add_argument("shards", help="shard spec: directory, brace pattern, glob or URL")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="where to write the manifest (default: manifest.json next to the shards; "
+                   "required for http(s) shards)")
+    p.add_argument("--workers", type=int, default=4, metavar="N",
+                   help="shards streamed in parallel (threads; default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_index)
 
     p = add(sub, "verify",
             "Re-read every shard: sha256 against the manifest, sample counts, every image "
@@ -104,6 +118,19 @@ def _cmd_write(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"skipped {result.skipped} files (reasons in {result.report_path})")
     print(f"manifest: {result.manifest_path}")
+    return EXIT_OK
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from data_pipelines.index import build_index
+
+    result = build_index(args.shards, out=args.out, workers=args.workers,
+                         progress=not args.no_progress)
+    m = result.manifest
+    labels = "labelled (cls)" if m.labelled else "not all labelled"
+    print(f"indexed {m.num_samples} samples in {len(m.shards)} shards "
+          f"({_human_bytes(m.num_bytes)}), {labels}")
+    print(f"manifest: {result.written_to}")
     return EXIT_OK
 
 

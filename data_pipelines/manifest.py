@@ -1,13 +1,13 @@
 """The shard manifest (`OUT/manifest.json`) and turning a shard spec into a list of shard URLs.
 
-A shard spec (what `data.train_shards` holds) is one of:
-  - a directory written by `lsdr shards write` (holds `manifest.json` and the tars);
-  - the path of a `manifest.json`;
-  - one local `.tar`, or a brace pattern `dir/train-{000000..000127}.tar`;
-  - anything webdataset can open: `pipe:curl -s https://host/train-{000..009}.tar`, `https://...`,
-    several specs joined with `::`.
-Local paths are checked up front (a missing shard is a `DataError` naming it); remote ones are
-opened by webdataset's `gopen` when the stream reaches them.
+A manifest is optional: `lsdr shards write` writes one, `lsdr shards index` builds one for shards
+written by another tool, and shards without one still train (no epoch accounting). It lists the
+shards by file name, relative to the directory holding it, or to its `shard_root` when it names
+one (a local manifest of shards kept on a server or in a bucket).
+
+What a shard spec may be (directories, patterns, globs, URLs, `pipe:`, fsspec URLs) and how it is
+resolved lives in `data_pipelines.sources`; `resolve_shards` and `read_manifest` here are the
+entry points the rest of the project uses.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Manifest:
     labelled: bool = False
     skipped: int = 0  # source files the writer could not use (see write_report.json)
     writer: dict[str, Any] = field(default_factory=dict)  # writer version and options
+    location: str = ""  # where the shards are when not in `root`: a URL or a directory
+
 
     @property
     def num_samples(self) -> int:
@@ -64,10 +66,14 @@ class Manifest:
         return len(self.class_names)
 
     def urls(self) -> list[str]:
-        """Paths of the shards, in manifest order."""
+        """Paths (or URLs) of the shards, in manifest order."""
+        if self.location:
+            base = self.location.rstrip("/")
+            return [f"{base}/{s.name}" for s in self.shards]
         return [str(self.root / s.name) for s in self.shards]
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"shard_root": self.location} if self.location else {}
         return {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -78,6 +84,7 @@ class Manifest:
             "class_names": list(self.class_names),
             "skipped": self.skipped,
             "writer": self.writer,
+            **extra,
             "shards": [
                 {"name": s.name, "num_samples": s.num_samples, "bytes": s.bytes,
                  "sha256": s.sha256, "plan": s.plan}
@@ -103,10 +110,6 @@ def write_manifest(manifest: Manifest) -> Path:
     return path
 
 
-def _manifest_path(spec: Path) -> Path:
-    return spec / MANIFEST_NAME if spec.is_dir() or spec.suffix != ".json" else spec
-
-
 def load_manifest_file(path: Path) -> Manifest:
     """Parse one manifest.json; `DataError` naming the file when it is missing or malformed."""
     try:
@@ -116,11 +119,21 @@ def load_manifest_file(path: Path) -> Manifest:
             from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: unreadable shard manifest ({exc})") from None
+    return parse_manifest(raw, str(path), root=path.parent)
+
+
+def parse_manifest(raw: Any, where: str, *, root: Path, location: str = "") -> Manifest:
+    """A manifest from its parsed JSON; `where` names it in errors. `location`: where the
+    shards are when the manifest was read from a URL (its own `shard_root` wins)."""
+    path = where
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{path}: not an lsdr shard manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
     if raw.get("format_version") != MANIFEST_VERSION:
         raise DataError(f"{path}: manifest format_version {raw.get('format_version')!r} is not "
                         f"{MANIFEST_VERSION}")
+    shard_root = raw.get("shard_root") or location
+    if shard_root and not _is_url(shard_root) and not Path(shard_root).is_absolute():
+        shard_root = str(root / shard_root)  # relative to the manifest's directory
     try:
         shards = tuple(
             ShardInfo(name=str(s["name"]), num_samples=int(s["num_samples"]), bytes=int(s["bytes"]),
@@ -128,10 +141,10 @@ def load_manifest_file(path: Path) -> Manifest:
             for s in raw["shards"]
         )
         manifest = Manifest(
-            root=path.parent, shards=shards,
+            root=root, shards=shards,
             class_names=tuple(str(c) for c in raw.get("class_names", [])),
             labelled=bool(raw.get("labelled", False)), skipped=int(raw.get("skipped", 0)),
-            writer=dict(raw.get("writer", {})),
+            writer=dict(raw.get("writer", {})), location=str(shard_root),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: malformed shard manifest ({type(exc).__name__}: {exc})") from None
@@ -144,65 +157,24 @@ def load_manifest_file(path: Path) -> Manifest:
     return manifest
 
 
+def _is_url(text: str) -> bool:
+    return text.startswith("pipe:") or "://" in text
+
+
 def is_remote(url: str) -> bool:
     """True for what webdataset opens itself (`pipe:`, `http://`, `s3://` ...), not a local path."""
-    return url.startswith("pipe:") or "://" in url
-
-
-def expand_spec(spec: str | os.PathLike) -> list[str]:
-    """Brace and `::` expansion exactly as webdataset does it (its `expand_urls`)."""
-    from webdataset.shardlists import expand_urls
-
-    return [os.path.expanduser(u) if not is_remote(u) else u for u in expand_urls(str(spec))]
+    return _is_url(url)
 
 
 def resolve_shards(spec: str | os.PathLike) -> tuple[list[str], Manifest | None]:
-    """Shard URLs of a spec (see the module docstring) and its manifest when one exists.
+    """Shard URLs of a spec (see `data_pipelines.sources`) and its manifest when one exists.
 
-    Raises `DataError` naming the path when a local directory, manifest or shard is missing.
+    Raises `DataError` naming the spec when it names nothing or a local shard is missing.
     """
-    text = str(spec).strip()
-    if not text:
-        raise DataError("no shards given (an empty shard spec)")
-    path = Path(os.path.expanduser(text))
-    if not is_remote(text) and "{" not in text and "::" not in text:
-        if path.is_dir() or path.suffix == ".json":
-            manifest = load_manifest_file(_manifest_path(path))
-            urls = manifest.urls()
-            _check_local(urls, f"{_manifest_path(path)} lists")
-            return urls, manifest
-        if not path.exists():
-            raise DataError(f"{path}: no such shard file or directory")
-        return [str(path)], _sibling_manifest([str(path)])
-    urls = expand_spec(text)
-    if not urls:
-        raise DataError(f"{text}: the shard pattern expands to nothing")
-    local = [u for u in urls if not is_remote(u)]
-    _check_local(local, f"{text}: the pattern names")
-    return urls, _sibling_manifest(urls) if len(local) == len(urls) else None
+    from data_pipelines.sources import resolve_source
 
-
-def _check_local(urls: list[str], what: str) -> None:
-    for url in urls:
-        if not is_remote(url) and not os.path.isfile(url):
-            raise DataError(f"{what} a shard that does not exist: {url}")
-
-
-def _sibling_manifest(urls: list[str]) -> Manifest | None:
-    """The manifest of the directory holding local shards, restricted to those shards."""
-    parents = {Path(u).resolve().parent for u in urls}
-    if len(parents) != 1:
-        return None
-    root = parents.pop()
-    if not (root / MANIFEST_NAME).is_file():
-        return None
-    full = load_manifest_file(root / MANIFEST_NAME)
-    wanted = {Path(u).name for u in urls}
-    shards = tuple(s for s in full.shards if s.name in wanted)
-    if len(shards) != len(wanted):
-        return None  # the manifest does not describe these files: do not guess
-    return Manifest(root=root, shards=shards, class_names=full.class_names,
-                    labelled=full.labelled, skipped=full.skipped, writer=full.writer)
+    source = resolve_source(spec)
+    return list(source.urls), source.manifest
 
 
 def read_manifest(shards: str | os.PathLike) -> Manifest:
@@ -213,7 +185,8 @@ def read_manifest(shards: str | os.PathLike) -> Manifest:
     urls, manifest = resolve_shards(shards)
     if manifest is None:
         where = Path(urls[0]).parent / MANIFEST_NAME if urls and not is_remote(urls[0]) else shards
-        raise DataError(f"{where}: no shard manifest describes {shards}")
+        raise DataError(f"{where}: no shard manifest describes {shards} (`lsdr shards index` "
+                        f"writes one)")
     return manifest
 
 

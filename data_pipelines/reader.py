@@ -6,8 +6,8 @@
     state = loader.state_dict()                 # later: a fresh loader + load_state_dict(state)
 
 Pipeline per (rank, dataloader worker), built from webdataset's pieces (`tarfile_samples` opens
-local paths, `pipe:` and URLs through `gopen`; its `_shuffle` buffer; a counting handler in the
-place of open_clip's `log_and_continue`):
+local paths, `pipe:`, URLs and fsspec URLs through `gopen`, see `data_pipelines.sources`; its
+`_shuffle` buffer; a counting handler in the place of open_clip's `log_and_continue`):
 
   shard list of the epoch -> chunks of SHARDS_PER_CHUNK shards -> tar members grouped by key
   -> sample shuffle buffer (seeded, reset at each chunk) -> decode + resize -> batch.
@@ -16,7 +16,9 @@ Which shards a (rank, worker) reads is a pure function of (seed, epoch, rank, wo
 num_workers) (`worker_shards`):
   - `resampled: true`: each worker epoch draws ceil(num_shards / (world_size * num_workers))
     shards with replacement, seeded by (seed, rank, worker, epoch): an endless stream, every
-    reader independent, as webdataset's ResampledShards with a deterministic worker seed;
+    reader independent, as webdataset's ResampledShards with a deterministic worker seed. A
+    weighted mixture (`data.sources`) draws shard s with probability weights[s] (open_clip's
+    ResampledShards2 with `random.choices`);
   - `resampled: false`: the shard list is shuffled with (seed, epoch) and split by rank and then
     by worker (webdataset's split_by_node / split_by_worker, with the rank passed in rather than
     read from the environment), so in one epoch every shard is read by exactly one worker. With
@@ -73,11 +75,13 @@ from data_pipelines.images import (
     pixel_limit,
 )
 from data_pipelines.manifest import Manifest, is_remote, read_manifest, resolve_shards
+from data_pipelines.sources import Source, check_readable, register_openers, resolve_source
 from lsdr_repr.errors import ConfigError, DataError
 
 __all__ = [
-    "INTERPOLATION", "Batch", "JpegList", "ShardStream", "decode_jpeg_batch", "make_eval_loader",
-    "make_train_loader", "read_manifest", "to_device", "worker_shards",
+    "INTERPOLATION", "Batch", "JpegList", "ShardStream", "TrainData", "decode_jpeg_batch",
+    "make_eval_loader", "make_train_loader", "read_manifest", "resolve_shards", "resolve_train_data",
+    "to_device", "worker_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -154,11 +158,13 @@ def derive_seed(*parts: Any) -> int:
 def worker_shards(
     num_shards: int, *, epoch: int, seed: int, rank: int, world_size: int, worker: int,
     num_workers: int, mode: str = "train", resampled: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> tuple[list[int], tuple[int, int] | None]:
     """Shard indices one (rank, worker) reads in `epoch`, in order, and its sample filter.
 
     The filter is None (keep every sample of those shards) or (n, p): keep sample j of shard s
-    iff (s + j) % n == p (used when there are fewer shards than readers).
+    iff (s + j) % n == p (used when there are fewer shards than readers). `weights` (one per
+    shard, resampled training only): draw shard s with probability weights[s] / sum(weights).
     """
     if num_shards < 1:
         return [], None
@@ -166,6 +172,8 @@ def worker_shards(
     if mode == "train" and resampled:
         rng = random.Random(derive_seed(seed, "resampled", rank, worker, epoch))
         draws = max(1, math.ceil(num_shards / readers))
+        if weights is not None:
+            return rng.choices(range(num_shards), weights=weights, k=draws), None
         return [rng.randrange(num_shards) for _ in range(draws)], None
     order = list(range(num_shards))
     if mode == "train":
@@ -198,6 +206,7 @@ class ShardStream(IterableDataset):
         name: str = "",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         shard_samples: Sequence[int | None] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         """`shard_samples`: how many samples each shard holds (the manifest's counts, aligned
         with `urls`; None where unknown), so a shard that breaks off counts the samples it lost
@@ -211,6 +220,11 @@ class ShardStream(IterableDataset):
             raise ConfigError(f"image_size and batch_size must be positive "
                               f"(got {image_size}, {batch_size})")
         self.urls = list(urls)
+        if weights is not None and len(weights) != len(self.urls):
+            raise ValueError(f"{len(weights)} weights for {len(self.urls)} shards")
+        # per-shard draw weights of a mixture; its digest in the state guards exact resume
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self._weights_id = None if weights is None else derive_seed(*self.weights)
         self.image_size, self.batch_size = image_size, batch_size
         self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
@@ -231,7 +245,7 @@ class ShardStream(IterableDataset):
             "consumed": self._consumed, "seed": self.seed, "rank": self.rank,
             "world_size": self.world_size, "num_workers": info.num_workers if info else 1,
             "num_shards": len(self.urls), "batch_size": self.batch_size,
-            "resampled": self.resampled,
+            "resampled": self.resampled, "weights": self._weights_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,7 +259,8 @@ class ShardStream(IterableDataset):
             return 0, 0, 0
         same = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": num_workers, "num_shards": len(self.urls),
-                "batch_size": self.batch_size, "resampled": self.resampled}
+                "batch_size": self.batch_size, "resampled": self.resampled,
+                "weights": self._weights_id}
         changed = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
         if changed:
             # Not the same stream any more: resume at the next epoch rather than mid-way.
@@ -260,6 +275,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        register_openers(self.urls)  # a worker process may not share the parent's gopen table
         epoch, chunk, consumed = self._start_position(worker, num_workers)
         self._pending_skips = 0
         images: list[Any] = []
@@ -334,7 +350,7 @@ class ShardStream(IterableDataset):
         shard_ids, sample_filter = worker_shards(
             len(self.urls), epoch=epoch, seed=self.seed, rank=self.rank,
             world_size=self.world_size, worker=worker, num_workers=num_workers,
-            mode=self.mode, resampled=self.resampled)
+            mode=self.mode, resampled=self.resampled, weights=self.weights)
         per_chunk = SHARDS_PER_CHUNK if self.mode == "train" else max(1, len(shard_ids))
         chunks = [shard_ids[i:i + per_chunk] for i in range(0, len(shard_ids), per_chunk)]
         return chunks, sample_filter
@@ -489,6 +505,7 @@ class ShardLoader(StatefulDataLoader):
     """StatefulDataLoader of `Batch`es whose worker errors surface as one-line `DataError`s."""
 
     manifest: Manifest | None = None
+    num_samples: int | None = None  # samples per epoch when manifests say so
     per_rank_batch: int = 0
 
     def __init__(self, dataset: ShardStream, *, empty_is_error: bool, **kwargs: Any) -> None:
@@ -592,12 +609,70 @@ def _loader(dataset: ShardStream, *, num_workers: int, prefetch_factor: int, pin
     return ShardLoader(dataset, empty_is_error=empty_is_error, **kwargs)
 
 
-def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: int = 1
-                      ) -> ShardLoader:
-    """Endless shuffled `Batch`es of `data_cfg.train_shards` for one rank (a DataConfig).
+class TrainData(NamedTuple):
+    """The training sources, resolved and checked: what `make_train_loader` streams."""
+
+    sources: tuple[Source, ...]
+    shares: tuple[float, ...]  # each source's share of the shard draws (sums to 1)
+    name: str  # for messages: the spec, or the mixture's specs with their weights
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for s in self.sources for u in s.urls]
+
+    @property
+    def shard_weights(self) -> list[float] | None:
+        """Per-shard draw weights of a mixture (a source's share split over its shards)."""
+        if len(self.sources) == 1:
+            return None
+        return [share / len(s.urls) for s, share in zip(self.sources, self.shares)
+                for _ in s.urls]
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.sources[0].manifest if len(self.sources) == 1 else None
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in all sources when every one has a manifest (epoch accounting), else None."""
+        if any(s.manifest is None for s in self.sources):
+            return None
+        return sum(s.manifest.num_samples for s in self.sources)
+
+
+def resolve_train_data(data_cfg: Any) -> TrainData:
+    """`data.train_shards` or the `data.sources` mixture, resolved; the first shard of every
+    source is opened here, so a source that cannot be read fails at start-up in one line."""
+    mixture = list(getattr(data_cfg, "sources", None) or [])
+    if mixture and data_cfg.train_shards:
+        raise ConfigError("set data.train_shards or data.sources, not both")
+    specs = ([(str(m.shards), float(m.weight)) for m in mixture] if mixture
+             else [(str(data_cfg.train_shards), 1.0)])
+    for i, (spec, weight) in enumerate(specs):
+        if mixture and not spec.strip():
+            raise ConfigError(f"data.sources[{i}].shards is not set")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ConfigError(f"data.sources[{i}].weight must be a positive number, got {weight}")
+    if len(specs) > 1 and not data_cfg.resampled and any(w != 1.0 for _, w in specs):
+        # Without resampling every shard is read once per epoch: there is nothing to weight.
+        raise ConfigError("data.sources weights need data.resampled: true (without resampling "
+                          "the sources are read in full, once per epoch)")
+    sources = tuple(resolve_source(spec) for spec, _ in specs)
+    for source in sources:
+        check_readable(source.urls[0], source.spec)
+    total = sum(w for _, w in specs)
+    name = specs[0][0] if len(specs) == 1 else " + ".join(f"{s} (x{w:g})" for s, w in specs)
+    return TrainData(sources, tuple(w / total for _, w in specs), name)
+
+
+def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: int = 1,
+                      data: TrainData | None = None) -> ShardLoader:
+    """Endless shuffled `Batch`es of `data_cfg.train_shards` (or the `data_cfg.sources`
+    mixture) for one rank (a DataConfig); `data`: those already resolved.
 
     Per-rank batch = data_cfg.batch_size // world_size (`ConfigError` unless it divides).
-    `loader.manifest` is the shards' manifest (None for specs without one).
+    `loader.manifest` is the shards' manifest (None for specs without one and for mixtures);
+    `loader.num_samples` the samples of all sources when each has a manifest, else None.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
@@ -605,7 +680,7 @@ def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: in
         raise ConfigError(f"data.batch_size={data_cfg.batch_size} (the global batch) is not "
                           f"divisible by the world size {world_size}")
     per_rank = data_cfg.batch_size // world_size
-    urls, manifest = resolve_shards(data_cfg.train_shards)
+    data = data if data is not None else resolve_train_data(data_cfg)
     output = "decoded"
     if data_cfg.decode == "gpu":
         if torch.cuda.is_available():
@@ -613,14 +688,15 @@ def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: in
         else:
             log.warning("data.decode=gpu but CUDA is not available: decoding on the CPU workers")
     dataset = ShardStream(
-        urls, image_size=data_cfg.image_size, batch_size=per_rank, mode="train", seed=seed,
+        data.urls, image_size=data_cfg.image_size, batch_size=per_rank, mode="train", seed=seed,
         rank=rank, world_size=world_size, resampled=data_cfg.resampled,
-        shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=str(data_cfg.train_shards),
-        shard_samples=shard_sample_counts(urls, manifest))
+        shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=data.name,
+        shard_samples=shard_sample_counts(data.urls, data.manifest), weights=data.shard_weights)
     loader = _loader(dataset, num_workers=data_cfg.num_workers,
                      prefetch_factor=data_cfg.prefetch_factor, pin_memory=data_cfg.pin_memory,
                      empty_is_error=True)
-    loader.manifest, loader.per_rank_batch = manifest, per_rank
+    loader.manifest, loader.per_rank_batch = data.manifest, per_rank
+    loader.num_samples = data.num_samples
     return loader
 
 
@@ -634,13 +710,16 @@ def make_eval_loader(shards: str | os.PathLike, image_size: int, batch_size: int
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
-    urls, manifest = resolve_shards(shards)
+    source = resolve_source(shards)
+    check_readable(source.urls[0], source.spec)
+    urls, manifest = list(source.urls), source.manifest
     dataset = ShardStream(urls, image_size=image_size, batch_size=batch_size, mode="eval",
                           rank=rank, world_size=world_size, resampled=False, shuffle_buffer=0,
                           name=str(shards), shard_samples=shard_sample_counts(urls, manifest))
     loader = _loader(dataset, num_workers=num_workers, prefetch_factor=2, pin_memory=pin_memory,
                      empty_is_error=world_size == 1)
     loader.manifest, loader.per_rank_batch = manifest, batch_size
+    loader.num_samples = manifest.num_samples if manifest is not None else None
     return loader
 
 

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(handler=_cmd_config)
 
-    shards = _add(sub, "shards", "Write, verify and sample WebDataset shards.",
+    shards = _add(sub, "shards", "Write, index, verify and sample WebDataset shards.",
                   "lsdr shards write ~/images data/shards --max-side 512")
     ssub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
     from data_pipelines.cli import add_shard_commands

@@ -29,15 +29,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _required(default: Any = "") -> Any:
-    """A field the user must set (checked by `check_required`, not at load: `shards` needs no run)."""
-    return field(default=default, metadata={"required": True})
+def _required(default: Any = "", unless: str = "") -> Any:
+    """A field the user must set (checked by `check_required`, not at load: `shards` needs no run);
+    `unless`: a sibling field that, when set, stands in for it."""
+    return field(default=default, metadata={"required": True, "unless": unless})
 
 
 # --------------------------------------------------------------------------------------- data
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (`data.sources`)."""
+
+    shards: str = ""  # any shard spec, as data.train_shards
+    weight: float = 1.0  # share of the shard draws (normalised over the sources)
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = _required()  # dir with manifest.json, a .tar, or a brace pattern
+    # dir (with or without manifest.json), manifest, .tar, brace pattern or glob, http(s)://,
+    # pipe:, s3:// / gs:// / other fsspec URLs (README "Data sources")
+    train_shards: str = _required(unless="sources")
+    # a weighted mixture instead of train_shards: [{shards: ..., weight: 0.7}, ...]
+    sources: list[SourceConfig] = field(default_factory=list)
     val_shards: str | None = None  # labelled held-out shards (online kNN, eval, tuning)
     test_shards: str | None = None  # read once per reported configuration
     image_size: int = 256  # S: side of the uint8 batch the loader produces
@@ -406,7 +419,12 @@ def check_required(cfg: Config, source: str = "config") -> None:
         value = getattr(cfg, section.name)
         for f in dataclasses.fields(value):
             if f.metadata.get("required") and getattr(value, f.name) in ("", None):
-                raise ConfigError(f"{source}: {section.name}.{f.name} is required but not set")
+                unless = f.metadata.get("unless")
+                if unless and getattr(value, unless):
+                    continue
+                alternative = f" (or {section.name}.{unless})" if unless else ""
+                raise ConfigError(f"{source}: {section.name}.{f.name}{alternative} is required "
+                                  f"but not set")
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

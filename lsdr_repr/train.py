@@ -130,7 +130,7 @@ def _lock_run_dir(run_dir: str, rank: int):
 class Trainer:
     def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device,
                  preempt: PreemptionFlag | None = None) -> None:
-        from data_pipelines.reader import make_train_loader, read_manifest, to_device
+        from data_pipelines.reader import make_train_loader, resolve_train_data, to_device
 
         self.cfg, self.env, self.device = cfg, env, device
         self.rank, self.world_size = env.rank, env.world_size
@@ -143,7 +143,13 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.global_batch = cfg.data.batch_size
         self.to_device = to_device
-        self.samples_per_epoch = read_manifest(cfg.data.train_shards).num_samples
+        # Resolved (and each source's first shard opened) before the model is built: a source
+        # that cannot be read fails here in one line. Without manifests there are no epochs.
+        self.train_data = resolve_train_data(cfg.data)
+        self.samples_per_epoch = self.train_data.num_samples
+        if self.samples_per_epoch is None and env.rank == 0:
+            log.info("%s: no shard manifest: logging steps and samples seen instead of epochs "
+                     "(`lsdr shards index` writes one)", self.train_data.name)
         self.autocast_dtype = _autocast_dtype(cfg.train.precision, device)
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -174,7 +180,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.total_steps)
         self.loader = make_train_loader(
-            cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size
+            cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
+            data=self.train_data,
         )
 
         # Stage batch k+1 (copy, decode, augmentation) while step k runs (lsdr_repr.prefetch);
@@ -516,11 +523,12 @@ class Trainer:
             "samples_per_s": samples_per_s,
             "pairs_per_s": samples_per_s,  # one sample = one pair of global views
             "data_wait_frac": wait_frac,
-            "epoch": self.step * self.global_batch / max(1, self.samples_per_epoch),
             "samples_seen": self.step * self.global_batch,
             "skipped_samples": float(skipped.item()),
             "nonfinite_steps": self.nonfinite_total,
         })
+        if self.samples_per_epoch:
+            metrics["epoch"] = self.step * self.global_batch / self.samples_per_epoch
         if self.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         diag = embedding_diagnostics(self._last_projection)
