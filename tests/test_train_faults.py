@@ -39,6 +39,9 @@ SMALL = [
     "train.keep_checkpoints=3", "train.log_every=1", "train.image_grid_every=0",
     "train.spectrum_every=0", "train.device=cpu", "log.progress=false", "log.wandb.mode=disabled",
     "optim.warmup_steps=0", "train.eval_every=0",
+    # LARS, not the demo's AdamW: Adam normalises every update, so the huge loss weight that
+    # makes these runs diverge would only make them train at lr
+    "optim.name=lars", "optim.lr=0.3", "optim.lars_trust=0.02",
 ]
 
 
