@@ -471,16 +471,18 @@ def _count_labelled(data: str, image_size: int, ev: _Evaluator) -> tuple[int, in
 
         ds = ImageFolder(str(data))
         return len(ds), len(ds.classes)
-    from data_pipelines.reader import read_manifest
+    from data_pipelines.sources import resolve_source
 
-    manifest = read_manifest(str(data))
-    if manifest.num_classes:
+    manifest = resolve_source(str(data)).manifest
+    if manifest is not None and manifest.num_classes:
         return manifest.num_samples, manifest.num_classes
-    # Integer labels without names: the classes are what the data holds.
-    feats_y = torch.cat([y for _, y, _ in iter_images(data, 8, 512, ev.num_workers)])
-    if (feats_y < 0).any():
-        raise DataError(f"{data}: {int((feats_y < 0).sum())} samples have no label (cls)")
-    return manifest.num_samples, int(feats_y.max()) + 1
+    # No manifest, or integer labels without names: one pass over the labels (tiny images)
+    # counts the samples, and the classes are what the data holds.
+    log.info("%s: counting the labelled samples (no manifest with class names)", data)
+    labels = torch.cat([y for _, y, _ in iter_images(data, 8, 512, ev.num_workers)])
+    if (labels < 0).any():
+        raise DataError(f"{data}: {int((labels < 0).sum())} samples have no label (cls)")
+    return len(labels), int(labels.max()) + 1
 
 
 def _train_batches(data: str, image_size: int, batch_size: int, num_workers: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,22 @@ def test_finetune_trains_a_new_head(data, run):
     assert res["details"]["steps"] == 18 and res["details"]["num_classes"] == 4
     # The new head and the backbone learn the colour classes (chance: 0.25).
     assert res["metrics"]["top1"] >= 0.9
+
+
+def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):
+    """Shards without manifest.json (another writer's, or a copy): one pass counts them."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for shard in Path(data["train"]).glob("*.tar"):  # the shards alone
+        shutil.copy(shard, bare / shard.name)
+    assert main(["eval", "finetune", str(run), "--train", str(bare), "--val",
+                 str(data["val"]), "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                 "--out", str(tmp_path / "res")]) == 0
+    res = json.loads((tmp_path / "res" / "finetune.json").read_text())
+    with_manifest = evaluate._count_labelled(str(data["train"]), 8, evaluate._Evaluator(
+        evaluate.load_trained_backbone(run), None, "cpu", batch_size=16, num_workers=0))
+    assert res["details"]["num_classes"] == with_manifest[1] == 4
+    assert res["details"]["steps"] == with_manifest[0] // 16
 
 
 def test_cli_defaults_and_errors(run, capsys):
