@@ -561,6 +561,8 @@ def demo_report(
         te = ev.features(eval_shards, model, key).labelled(eval_shards)
         res = probes.linear_probe(tr.x, tr.y, te.x, te.y)
         report["linear"][name] = res.metrics()
+        # labels are 0..K-1: K is what a classifier head on this data needs
+        report["num_classes"] = int(max(tr.y.max(), te.y.max())) + 1
         report["invariance"][name] = invariance_eval(
             ev, eval_shards, max_images=max_invariance_images, reference=train_shards,
             backbone=model, reference_key=key)["table"]

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import string
 import sys
 import time
@@ -225,6 +226,40 @@ def read_run_log(run_dir: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def offline_run_dirs(run_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Every W&B offline directory of the run (RUN_DIR/wandb/offline-run-<time>-<id>[-<n>]),
+    oldest first. W&B opens a new one at each resume, evaluation and demo re-run, all with the
+    same id: the run's history is spread over all of them."""
+    run_dir = Path(run_dir)
+    run_id = run_id or read_run_id(run_dir)
+    if not run_id:
+        return []
+    found = []
+    for path in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*"):
+        # offline-run-<yyyymmdd>_<hhmmss>-<id> or ...-<id>-<n>: nothing else (a longer id)
+        tail = path.name.split("-", 3)[-1] if path.name.count("-") >= 3 else ""
+        if path.is_dir() and not path.is_symlink() and (
+            tail == run_id or (tail.startswith(run_id + "-") and tail[len(run_id) + 1:].isdigit())
+        ):
+            found.append(path)
+    # the timestamp sorts by time; W&B's "-1" suffix (same second) sorts after its base
+    return sorted(found, key=lambda p: (p.name.split("-")[2], len(p.name), p.name))
+
+
+def wandb_sync_command(run_dir: str | Path, run_id: str | None = None) -> str | None:
+    """The shell command that uploads every offline piece of the run, or None (no offline run).
+
+    A glob, not the newest directory: `wandb sync` of the newest piece alone would upload only
+    what the last process logged (after a demo re-run: the evaluation, not the training curves).
+    The shell expands it in time order, which is the order the pieces must be replayed in.
+    """
+    run_dir = Path(run_dir)
+    run_id = run_id or read_run_id(run_dir)
+    if not run_id or not offline_run_dirs(run_dir, run_id):
+        return None
+    return f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{shlex.quote(run_id)}*"
 
 
 # -------------------------------------------------------------------------------- the factory

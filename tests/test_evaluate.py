@@ -277,6 +277,12 @@ def test_demo_report_compares_trained_and_random_init(data, run):
     assert saved["metrics"]["linear_top1_trained"] == report["linear"]["trained"]["top1"]
     text = evaluate.format_report(report)
     assert "random_init" in text and "zoom_out/zeros" in text and "step-00000007.pt" in text
+    # the data's four colour classes: the demo prints the timm line with the real count
+    assert report["num_classes"] == 4
+    from lsdr_repr.cli import load_snippet
+
+    assert load_snippet("runs/demo/export", report["num_classes"]).endswith(
+        'pretrained=True, num_classes=4)')
 
 
 def test_results_are_logged_to_the_runs_wandb_run(data, tmp_path):

@@ -82,7 +82,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(find_latest_valid(run_dir))["model"]
 
 
-def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path):
+def sync_dry_run(command: str) -> list[Path]:
+    """The .wandb files a printed `wandb sync ...` command would upload: the real command, run
+    by the shell (which expands its glob) with W&B's own --dry-run, which needs no network."""
+    assert command.startswith("wandb sync ")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", command.replace("wandb sync ", "wandb sync --dry-run ", 1)],
+                          capture_output=True, text=True, env=env, timeout=60, check=True)
+    lines = (done.stdout + done.stderr).splitlines()
+    return [Path(ln.split("wandb:", 1)[1].strip()) for ln in lines
+            if ln.strip().endswith(".wandb")]
+
+
+def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path,
+                                                                      capsys):
     run_dir = tmp_path / "run"
     code = main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)])
     assert code == 0
@@ -107,8 +120,30 @@ def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_sha
     assert json.loads(lines[-1])["step"] == 8
 
     # Running again on a finished run resumes at the end and does nothing more.
+    capsys.readouterr()
     assert main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)]) == 0
     assert checkpoint_steps(run_dir) == [4, 6, 8]
+
+    # That second process opened a second W&B offline directory (same id) holding no training
+    # history: the printed upload command must cover both pieces, oldest first.
+    out = capsys.readouterr().out
+    (sync_line,) = [ln for ln in out.splitlines() if "wandb sync" in ln]
+    assert "all 2 pieces" in sync_line
+    files = sync_dry_run(sync_line[sync_line.index("wandb sync"):])
+    assert len(files) == 2 and files == sorted(files)
+    assert not [r for r in read_wandb_history(files[-1].parent) if "loss/total" in r]
+    pieces = [r for f in files for r in read_wandb_history(f.parent) if "loss/total" in r]
+    assert [r["_step"] for r in pieces] == [2, 4, 6, 8]
+
+    # `lsdr status` reads the whole metrics.jsonl: the loss and RankMe of the last training
+    # record, the run done, the checkpoints and the same upload command.
+    assert main(["status", str(run_dir)]) == 0
+    status = capsys.readouterr().out
+    last = json.loads(lines[-1])["metrics"]
+    assert f"step 8/8, loss {last['loss/total']:.4g}, " in status and ", done" in status
+    assert f"RankMe {last['diag/rankme']:.1f}" in status
+    assert "checkpoints: step-00000004.pt, step-00000006.pt, step-00000008.pt" in status
+    assert "W&B upload: " + sync_line[sync_line.index("wandb sync"):] in status
 
 
 @pytest.mark.slow
