@@ -41,21 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "demo", "Write the embedded sample shards, train, export and evaluate.",
              "lsdr demo runs/demo")
-    p.add_argument("run_dir", nargs="?", default="runs/demo")
+    p.add_argument("run_dir", nargs="?", default="runs/demo",
+                   help="run directory: checkpoints, W&B files, eval and export (default: "
+                        "%(default)s)")
     p.add_argument("--data", default="data/sample", help="where the sample shards live")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     p.set_defaults(handler=_cmd_demo)
 
     p = _add(sub, "train", "Train (or resume) a run from a YAML config with key=value overrides.",
              "lsdr train configs/demo.yaml optim.lr=0.1 data.batch_size=64")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.1")
     p.set_defaults(handler=_cmd_train)
 
     p = _add(sub, "config", "Print the resolved config as YAML (after preset and overrides).",
              "lsdr config configs/resnet50_imagenet.yaml optim.lr=0.3")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.1")
     p.set_defaults(handler=_cmd_config)
 
     shards = _add(sub, "shards", "Write, index, verify and sample WebDataset shards.",

@@ -739,6 +739,17 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _setup(args: argparse.Namespace) -> _Evaluator:
+    """Check every argument that can be checked, then load: a typo in --val must not cost the
+    model load and the train split's features first."""
+    from lsdr_repr.export import is_export_dir
+
+    if args.out is None and is_export_dir(args.source):
+        raise ConfigError(f"{args.source}: an export folder has no run directory for the "
+                          "results; give a results folder with --out")
+    for flag in ("train", "val", "data", "reference"):
+        value = getattr(args, flag, None)
+        if value and value != "none":
+            _check_data_exists(value, f"--{flag}")
     trained = load_trained_backbone(args.source)
     results = _results_dir(trained, args.out)
     if results is None:
@@ -754,7 +765,21 @@ def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
     if not value:
         flag = {"train_shards": "--train", "val_shards": "--val/--data"}[field]
         raise ConfigError(f"{flag} is required (the source has no data.{field})")
+    _check_data_exists(value, f"the source's data.{field}")
     return value
+
+
+def _check_data_exists(spec: str, what: str) -> None:
+    """A local path in a data argument that is not there, named before any work starts.
+    Remote URLs, `pipe:` commands, globs and brace patterns are left to the readers."""
+    from data_pipelines.sources import is_remote
+
+    for part in str(spec).split("::"):
+        part = part.strip()
+        if not part or is_remote(part) or part.startswith("pipe:") or any(c in part for c in "*?[{"):
+            continue
+        if not Path(os.path.expanduser(part)).exists():
+            raise ConfigError(f"{what} {part}: no such file or directory")
 
 
 def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int:

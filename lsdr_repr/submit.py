@@ -505,7 +505,7 @@ def add_cli_commands(sub, add) -> None:
     p = add(sub, "submit", "Submit a training run to SLURM (renders RUN_DIR/train.sbatch).",
             "lsdr submit configs/resnet50_imagenet.yaml optim.lr=0.3 --nodes 4 --gpus-per-node 8 "
             "--partition gpu --time 48:00:00")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int, help="0: CPU-only job (gloo), see --tasks-per-node")

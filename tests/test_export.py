@@ -349,3 +349,30 @@ def test_export_dir_is_a_source_for_evaluation(runs, timm_exports):
     x = _probe_input()
     with torch.no_grad():
         assert torch.allclose(loaded.backbone(x), backbone(x), atol=1e-5)
+
+
+def test_eval_on_an_export_checks_out_and_val_before_any_work(timm_exports, tmp_path, capsys):
+    """An export folder has no run directory: a missing --out, or a --val that is not there, is
+    one line and exit 2 before the model is loaded. The proof: weights made unloadable, whose
+    error would come first if the model were loaded before the arguments were checked."""
+    import shutil
+
+    broken = tmp_path / "broken-export"
+    shutil.copytree(timm_exports["resnet"][0], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    data = tmp_path / "images" / "class0"
+    data.mkdir(parents=True)
+    cases = [
+        (["eval", "knn", str(broken), "--train", str(data.parent), "--val", str(data.parent)],
+         "give a results folder with --out"),
+        (["eval", "linear", str(broken), "--out", str(tmp_path / "res"), "--train",
+          str(data.parent), "--val", str(tmp_path / "nope")],
+         f"--val {tmp_path / 'nope'}: no such file or directory"),
+        (["eval", "invariance", str(broken), "--out", str(tmp_path / "res"), "--data",
+          f"{data.parent}::{tmp_path / 'gone'}"], f"--data {tmp_path / 'gone'}: no such file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "res").exists()  # nothing computed, no results folder made
