@@ -765,8 +765,17 @@ def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
     if not value:
         flag = {"train_shards": "--train", "val_shards": "--val/--data"}[field]
         raise ConfigError(f"{flag} is required (the source has no data.{field})")
-    _check_data_exists(value, f"the source's data.{field}")
     return value
+
+
+def _data_args(ev: _Evaluator, *given: tuple[str | None, str]) -> list[str]:
+    """`_default_data` for each (flag value, config field), then every default taken from the
+    run's config checked to exist, all before the first feature is computed."""
+    values = [_default_data(ev, value, field) for value, field in given]
+    for (value, field), resolved in zip(given, values, strict=True):
+        if not value:
+            _check_data_exists(resolved, f"the source's data.{field}")
+    return values
 
 
 def _check_data_exists(spec: str, what: str) -> None:
@@ -792,22 +801,22 @@ def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = knn_eval(ev, _default_data(ev, args.train, "train_shards"),
-                   _default_data(ev, args.val, "val_shards"), args.k, args.temperature)
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = knn_eval(ev, train, val, args.k, args.temperature)
     return _finish(ev, "knn", res, format_metrics("knn", res["metrics"]))
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = linear_eval(ev, _default_data(ev, args.train, "train_shards"),
-                      _default_data(ev, args.val, "val_shards"), args.weight_decays, args.seed)
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = linear_eval(ev, train, val, args.weight_decays, args.seed)
     return _finish(ev, "linear", res, format_metrics("linear probe", res["metrics"]))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = finetune_eval(ev, _default_data(ev, args.train, "train_shards"),
-                        _default_data(ev, args.val, "val_shards"), args.epochs, args.lr,
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = finetune_eval(ev, train, val, args.epochs, args.lr,
                         args.weight_decay, args.optimizer, args.seed)
     return _finish(ev, "finetune", res, format_metrics("fine-tuning", res["metrics"]))
 
@@ -816,7 +825,8 @@ def _cmd_invariance(args: argparse.Namespace) -> int:
     ev = _setup(args)
     reference = None if args.reference == "none" else (
         args.reference or ev.trained.config.data.train_shards or None)
-    res = invariance_eval(ev, _default_data(ev, args.data, "val_shards"), args.families,
+    (data,) = _data_args(ev, (args.data, "val_shards"))
+    res = invariance_eval(ev, data, args.families,
                           args.max_images, reference)
     text = f"{INVARIANCE_LEGEND}\n{format_invariance(res['table'])}"
     return _finish(ev, "invariance", res, text)
@@ -824,7 +834,8 @@ def _cmd_invariance(args: argparse.Namespace) -> int:
 
 def _cmd_rank(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = rank_eval(ev, _default_data(ev, args.data, "val_shards"), args.max_samples)
+    (data,) = _data_args(ev, (args.data, "val_shards"))
+    res = rank_eval(ev, data, args.max_samples)
     text = format_metrics("rank", res["metrics"])
     if res["details"]["plot"]:
         text += f"\nspectrum plot: {res['details']['plot']}"
