@@ -65,7 +65,8 @@ def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> Demo
         demo.is_main = False
         return demo
     # Evaluate first: the export's model card quotes the results written to RUN_DIR/eval.
-    report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]))
+    # bars on stderr: the two-minute evaluation is otherwise silent
+    report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]), progress=True)
     demo.report = format_report(report)
     demo.num_classes = report.get("num_classes")
     demo.export_dir = export_backbone(Path(run_dir), Path(run_dir) / "export", overwrite=True).out_dir

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsdr_repr import invariance, probes
-from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.errors import ConfigError, DataError, LsdrError
 from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
 
 log = logging.getLogger(__name__)
@@ -170,31 +170,54 @@ def extract_features(
     batch_size: int = 128,
     num_workers: int = 2,
     max_samples: int | None = None,
+    progress: bool = False,
 ) -> Features:
     """Embeddings [N,F] and labels [N] of every image in `data` (centre view at image_size).
 
     The backbone is put in eval mode for the pass and given back in the mode it was in.
+    `progress`: a tqdm bar on stderr (images; the total when a manifest or folder tells it).
     """
+    from lsdr_repr.tracking import progress_bar
+
     device = resolve_device(device)
     was_training = backbone.training
     backbone.eval()
     xs, ys, skipped, seen = [], [], 0, 0
+    total = _count_images(data) if progress else None
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
     try:
-        for images, labels, skip in iter_images(data, image_size, batch_size, num_workers):
-            skipped += skip
-            if max_samples is not None:
-                images, labels = images[:max_samples - seen], labels[:max_samples - seen]
-            x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
-            xs.append(backbone(x).float().cpu())
-            ys.append(labels.long().cpu())
-            seen += len(labels)
-            if max_samples is not None and seen >= max_samples:
-                break
+        with progress_bar(total, f"features of {data}", "img", progress) as bar:
+            for images, labels, skip in iter_images(data, image_size, batch_size, num_workers):
+                skipped += skip
+                if max_samples is not None:
+                    images, labels = images[:max_samples - seen], labels[:max_samples - seen]
+                x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
+                xs.append(backbone(x).float().cpu())
+                ys.append(labels.long().cpu())
+                seen += len(labels)
+                bar.update(len(labels))
+                if max_samples is not None and seen >= max_samples:
+                    break
     finally:
         backbone.train(was_training)
     if not xs:
         raise DataError(f"{data}: no images were read")
     return Features(torch.cat(xs), torch.cat(ys), skipped)
+
+
+def _count_images(data: str | Path) -> int | None:
+    """How many images `data` holds, if that is cheap to know (a manifest, a local folder);
+    None otherwise (the bar then counts without a total)."""
+    try:
+        if is_image_folder(data):
+            return sum(1 for p in Path(data).rglob("*") if p.is_file())
+        from data_pipelines.sources import resolve_source
+
+        counts = [resolve_source(part).manifest for part in str(data).split("::")]
+        return sum(m.num_samples for m in counts) if all(counts) else None
+    except (OSError, LsdrError):
+        return None
 
 
 def cached_features(
@@ -239,8 +262,9 @@ class _Evaluator:
     """A loaded backbone with its results folder and feature cache (one per CLI command)."""
 
     def __init__(self, trained: TrainedBackbone, results_dir: Path | None, device: str,
-                 batch_size: int, num_workers: int) -> None:
+                 batch_size: int, num_workers: int, progress: bool = False) -> None:
         self.trained = trained
+        self.progress = progress  # tqdm bars on stderr for each pass
         self.results_dir = results_dir
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -255,7 +279,7 @@ class _Evaluator:
             backbone if backbone is not None else t.backbone,
             weights_key or t.cache_key(), data, t.image_size, t.mean, t.std, cache,
             device=self.device, batch_size=self.batch_size, num_workers=self.num_workers,
-            max_samples=max_samples,
+            max_samples=max_samples, progress=self.progress,
         )
 
 
@@ -276,11 +300,25 @@ def linear_eval(ev: _Evaluator, train: str, val: str,
                 seed: int = 0) -> dict[str, Any]:
     tr = ev.features(train).labelled(train)
     va = ev.features(val).labelled(val)
-    res = probes.linear_probe(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
-                              va.y.to(ev.device), weight_decays=weight_decays, seed=seed)
+    res = _linear_probe(ev, tr, va, weight_decays=weight_decays, seed=seed)
     return {"metrics": res.metrics(),
             "details": {"train": str(train), "val": str(val), "num_train": len(tr.y),
                         "num_val": len(va.y), "val_top1_per_weight_decay": res.val_top1}}
+
+
+def _linear_probe(ev: _Evaluator, tr: Features, va: Features, **kwargs: Any
+                  ) -> probes.LinearProbeResult:
+    """`probes.linear_probe` on the evaluator's device, with a bar over its L-BFGS fits."""
+    from lsdr_repr.tracking import progress_bar
+
+    fits = probes.linear_probe_fits(kwargs.get("weight_decays", probes.DEFAULT_WEIGHT_DECAYS))
+    with progress_bar(fits, "linear probe (L-BFGS fits)", "fit", ev.progress) as bar:
+        def on_fit(what: str) -> None:
+            bar.set_postfix_str(what, refresh=False)
+            bar.update(1)
+
+        return probes.linear_probe(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
+                                   va.y.to(ev.device), on_fit=on_fit, **kwargs)
 
 
 def embedding_rank(z: torch.Tensor) -> dict[str, Any]:
@@ -345,6 +383,7 @@ def invariance_table(
     families: Sequence[str] = FAMILIES,
     reference: torch.Tensor | None = None,
     batch_size: int = 128,
+    on_cell: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{row: {level: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
     images [B,3,R,R] -> [B,F]: `lsdr_repr.invariance.invariance_table` (Kornia's transforms,
@@ -352,7 +391,7 @@ def invariance_table(
     size = images01.shape[-1]
     return invariance.invariance_table(
         lambda x01: encoder(normalize_images(x01, size, mean, std)), images01, families,
-        reference, batch_size)
+        reference, batch_size, on_cell)
 
 
 def load_images01(data: str | Path, image_size: int, max_images: int,
@@ -384,11 +423,20 @@ def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIE
     model = backbone if backbone is not None else t.backbone
     ref = None if reference is None else ev.features(reference, model, reference_key,
                                                      max_samples=4096).x
+    from lsdr_repr.tracking import progress_bar
+
     was_training = model.training
     model.eval()
     try:
-        table = invariance_table(model, images.to(ev.device), t.mean, t.std, families,
-                                 None if ref is None else ref.to(ev.device), ev.batch_size)
+        with progress_bar(invariance.num_cells(families), f"invariance of {len(images)} images",
+                          "transform", ev.progress) as bar:
+            def on_cell(name: str) -> None:
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
+
+            table = invariance_table(model, images.to(ev.device), t.mean, t.std, families,
+                                     None if ref is None else ref.to(ev.device), ev.batch_size,
+                                     on_cell=on_cell)
     finally:
         model.train(was_training)
     metrics = {f"{row}@{level}/{m}": v for row, cells in table.items()
@@ -433,8 +481,34 @@ def finetune_eval(
         K.RandomResizedCrop((t.image_size, t.image_size), scale=(0.35, 1.0)),
         K.RandomHorizontalFlip(),
     ).to(ev.device)
+    from lsdr_repr.tracking import progress_bar
+
     losses = []
     batches = _train_batches(train, t.image_size, ev.batch_size, ev.num_workers, seed)
+    with progress_bar(total, f"fine-tuning {epochs} epochs", "step", ev.progress) as bar:
+        _finetune_steps(model, augment, optimizer, scheduler, batches, total, t, ev, losses, bar)
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad(), progress_bar(_count_images(val) if ev.progress else None,
+                                       f"fine-tuned top-1 on {val}", "img", ev.progress) as bar:
+        for images, y, _ in iter_images(val, t.image_size, ev.batch_size, ev.num_workers):
+            scores.append(model(normalize_images(images.to(ev.device), t.image_size, t.mean,
+                                                 t.std)).float().cpu())
+            labels.append(y)
+            bar.update(len(y))
+    y = torch.cat(labels)
+    if (y < 0).any():
+        raise DataError(f"{val}: {int((y < 0).sum())} samples have no label (cls)")
+    acc = probes.topk_accuracy(torch.cat(scores), y)
+    return {"metrics": {**acc, "final_loss": sum(losses[-10:]) / len(losses[-10:])},
+            "details": {"train": str(train), "val": str(val), "epochs": epochs, "steps": total,
+                        "lr": lr, "optimizer": optim_name, "weight_decay": weight_decay,
+                        "num_classes": num_classes}}
+
+
+def _finetune_steps(model: nn.Module, augment: nn.Module, optimizer: Any, scheduler: Any,
+                    batches: Iterator, total: int, t: TrainedBackbone, ev: _Evaluator,
+                    losses: list[float], bar: Any) -> None:
     for step in range(total):
         images, labels = next(batches)
         x = augment(images.to(ev.device).float().div(255.0))
@@ -447,21 +521,8 @@ def finetune_eval(
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise DataError(f"fine-tuning diverged at step {step} (loss {losses[-1]}): lower --lr")
-    model.eval()
-    scores, labels = [], []
-    with torch.no_grad():
-        for images, y, _ in iter_images(val, t.image_size, ev.batch_size, ev.num_workers):
-            scores.append(model(normalize_images(images.to(ev.device), t.image_size, t.mean,
-                                                 t.std)).float().cpu())
-            labels.append(y)
-    y = torch.cat(labels)
-    if (y < 0).any():
-        raise DataError(f"{val}: {int((y < 0).sum())} samples have no label (cls)")
-    acc = probes.topk_accuracy(torch.cat(scores), y)
-    return {"metrics": {**acc, "final_loss": sum(losses[-10:]) / len(losses[-10:])},
-            "details": {"train": str(train), "val": str(val), "epochs": epochs, "steps": total,
-                        "lr": lr, "optimizer": optim_name, "weight_decay": weight_decay,
-                        "num_classes": num_classes}}
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+        bar.update(1)
 
 
 def _count_labelled(data: str, image_size: int, ev: _Evaluator) -> tuple[int, int]:
@@ -544,12 +605,13 @@ def demo_report(
     *,
     device: str = "auto",
     max_invariance_images: int = 256,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Linear probe of the trained backbone vs the same architecture at random init, and the
     invariance table of both, on the held-out `eval_shards` (written to RUN_DIR/eval/demo.json)."""
     trained = load_trained_backbone(run_dir)
     results = _results_dir(trained, None)
-    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2)
+    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2, progress=progress)
     baseline = random_backbone(trained, seed=0).to(ev.device)
     random_key = f"random-init:{trained.arch}:seed0:{trained.cache_key()}"
     report: dict[str, Any] = {"arch": trained.arch, "step": trained.step,
@@ -559,7 +621,7 @@ def demo_report(
                              ("random_init", baseline, random_key)):
         tr = ev.features(train_shards, model, key).labelled(train_shards)
         te = ev.features(eval_shards, model, key).labelled(eval_shards)
-        res = probes.linear_probe(tr.x, tr.y, te.x, te.y)
+        res = _linear_probe(ev, tr, te)
         report["linear"][name] = res.metrics()
         # labels are 0..K-1: K is what a classifier head on this data needs
         report["num_classes"] = int(max(tr.y.max(), te.y.max())) + 1
@@ -675,6 +737,7 @@ def add_cli_commands(sub, add) -> None:
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--batch-size", type=int, default=128)
         q.add_argument("--workers", type=int, default=2, help="reader worker processes")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def labelled(q: argparse.ArgumentParser) -> None:
         q.add_argument("--train", default=None, help="labelled shards or ImageFolder "
@@ -754,7 +817,8 @@ def _setup(args: argparse.Namespace) -> _Evaluator:
     results = _results_dir(trained, args.out)
     if results is None:
         raise ConfigError(f"{args.source}: not a run; give a results folder with --out")
-    return _Evaluator(trained, results, args.device, args.batch_size, args.workers)
+    return _Evaluator(trained, results, args.device, args.batch_size, args.workers,
+                      progress=not args.no_progress)
 
 
 def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:

@@ -16,6 +16,7 @@ the environment.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -27,7 +28,7 @@ import shlex
 import string
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -405,6 +406,33 @@ def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum")
 
 
 # ---------------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def progress_bar(total: int | None, desc: str, unit: str = "it",
+                 enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar on stderr for one long pass (feature extraction, probes, invariance,
+    fine-tuning), with log lines printed above it instead of glued onto it. `enabled=False`
+    gives a bar that draws nothing, so callers update it unconditionally."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+               mininterval=0.5)  # the finished bar stays: what ran, how many, how fast
+    try:
+        with _logs_above_bars(enabled):
+            yield bar
+    finally:
+        bar.close()
+
+
+def _logs_above_bars(enabled: bool) -> contextlib.AbstractContextManager:
+    """tqdm's logging redirection: the console handlers write through `tqdm.write`, which
+    clears the bar, prints the line and redraws the bar below it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 class Progress:
     """Rank 0's progress: a tqdm bar on a terminal, periodic log lines otherwise (SLURM logs).
 
@@ -436,11 +464,15 @@ class Progress:
         self._last_line_step: int | None = None
         self._last_metrics: Mapping[str, Any] = {}
         self._bar = None
+        self._redirect: contextlib.AbstractContextManager | None = None
         if enabled and self.is_tty:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                              dynamic_ncols=True, smoothing=0.05)
+            # Log lines during training (kNN, checkpoints, warnings) go above the bar.
+            self._redirect = _logs_above_bars(True)
+            self._redirect.__enter__()
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         if not self.enabled:
@@ -473,6 +505,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            if self._redirect is not None:
+                self._redirect.__exit__(None, None, None)
+                self._redirect = None
         elif self._first is not None and self._last_line_step != self._step:
             metrics = self._last_metrics
             self._log_line(self._step, _pick(metrics, self.loss_key),

@@ -244,6 +244,29 @@ def test_progress_on_a_tty_draws_a_tqdm_bar(capsys):
     assert "10/50" in err and "loss=0.5" in err and "samples/s=64.0" in err
 
 
+def test_log_lines_during_the_training_bar_are_not_glued_onto_it(capsys):
+    """A console handler on stderr (as `lsdr`'s basicConfig installs) writing while the bar is
+    drawn: the line must stand alone, not follow the bar's last frame on the same line."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, like a terminal's
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.addHandler(handler)
+    try:
+        progress = Progress(50, enabled=True, is_tty=True)
+        progress.update(10, {"loss": 0.5})
+        logging.getLogger("lsdr_repr.train").warning("step 10: online kNN top1 0.500")
+        progress.update(20, {"loss": 0.25})
+        progress.close()
+        logging.getLogger("lsdr_repr.train").warning("after the bar")
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    segments = [seg for line in err.split("\n") for seg in line.split("\r")]
+    assert "WARNING step 10: online kNN top1 0.500" in segments, err
+    assert "WARNING after the bar" in segments  # the redirection ends with the bar
+    assert "20/50" in err
+
+
 def test_wandb_history_reader_rejects_foreign_and_corrupt_files(tmp_path, no_wandb_env):
     foreign = tmp_path / "x.wandb"
     foreign.write_bytes(b"not a wandb file")
