@@ -345,7 +345,8 @@ def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict
     png = None
     if ev.results_dir is not None:
         png = plot_spectrum(eig, ev.results_dir / "rank_spectrum.png",
-                            f"{ev.trained.arch} step {ev.trained.step}: RankMe {rank:.1f}")
+                            f"{ev.trained.arch} step {ev.trained.step}, {len(feats.x)} images",
+                            num_samples=len(feats.x), rankme=rank)
     return {"metrics": {"rankme": rank, "numerical_rank": result["numerical_rank"],
                         "num_features": int(feats.x.shape[1]),
                         "num_samples": int(feats.x.shape[0])},
@@ -353,26 +354,53 @@ def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict
                         "plot": str(png) if png else None}}
 
 
-def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str) -> Path:
-    """Log-scale eigenvalue spectrum [F] (descending) as a PNG."""
-    # A bare Figure on the Agg canvas: no pyplot, so no global backend or figure registry that
-    # the trainer's own plotting (or a notebook) would share.
+def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str,
+                  num_samples: int | None = None, rankme: float | None = None) -> Path:
+    """Log-scale eigenvalue spectrum [F] (descending) as a PNG: the trainer's plot
+    (`tracking.spectrum_plot`: the resolvable eigenvalues, the rank marked, RankMe)."""
+    from PIL import Image
+
+    from lsdr_repr.tracking import spectrum_plot
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(spectrum_plot(eigenvalues, title, num_samples, rankme)).save(path)
+    return path
+
+
+def invariance_plot(tables: dict[str, dict[str, dict[str, dict[str, float]]]],
+                    title: str = "") -> Any:
+    """Retrieval top-1 against transform strength, one line per transform (and fill), one panel
+    per backbone in `tables` ({"trained": table, "random_init": table}) -> uint8 [H,W,3]."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    eig = eigenvalues.double().clamp_min(1e-12).cpu().numpy()
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.semilogy(range(1, len(eig) + 1), eig)
-    ax.set_xlabel("eigenvalue index")
-    ax.set_ylabel("eigenvalue of the embedding covariance")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    fig = Figure(figsize=(4 * len(tables) + 2.6, 4), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    for ax, (name, table) in zip(axes, tables.items(), strict=True):
+        for row, cells in table.items():
+            levels = list(cells)
+            values = [cells[level]["retrieval_top1"] for level in levels]
+            # the strengths differ per transform (degrees, factors): named in the legend
+            ax.plot(range(1, len(levels) + 1), values, marker="o",
+                    label=f"{row} ({', '.join(levels)})",
+                    linestyle="--" if row.endswith("/reflection") else "-")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("strength (1 = mildest)")
+        ax.set_xticks(range(1, max(len(c) for c in table.values()) + 1))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("retrieval top-1 (finds its original)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / fig.get_figwidth(), 1))
+    # beside the panels, not over the lines
+    fig.legend(handles, labels, loc="center right", fontsize=7, title="transform (strengths)",
+               title_fontsize=7, frameon=False)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def invariance_table(
@@ -628,9 +656,14 @@ def demo_report(
         report["invariance"][name] = invariance_eval(
             ev, eval_shards, max_images=max_invariance_images, reference=train_shards,
             backbone=model, reference_key=key)["table"]
+    plot = invariance_plot(report["invariance"], f"{trained.arch} after {trained.step} steps: "
+                           "retrieval under Kornia's transforms")
     _write_result(results, "demo", {"metrics": {
         "linear_top1_trained": report["linear"]["trained"]["top1"],
-        "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained)
+        "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained,
+        plots={"invariance": plot})
+    if results is not None:
+        report["invariance_plot"] = str(results / "demo_invariance.png")
     return report
 
 
@@ -645,6 +678,8 @@ def format_report(report: dict[str, Any]) -> str:
     for name, table in report["invariance"].items():
         lines += [f"invariance ({name}): {INVARIANCE_LEGEND}",
                   format_invariance(table), ""]
+    if report.get("invariance_plot"):
+        lines.append(f"invariance plot (retrieval against strength): {report['invariance_plot']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -682,7 +717,7 @@ def _results_dir(trained: TrainedBackbone, out: str | Path | None) -> Path | Non
 
 
 def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
-                  trained: TrainedBackbone) -> Path | None:
+                  trained: TrainedBackbone, plots: dict[str, Any] | None = None) -> Path | None:
     """RESULTS/<name>.json (atomic) and the metrics to the run's W&B run."""
     payload = {"name": name, "arch": trained.arch, "step": trained.step,
                "checkpoint": str(trained.checkpoint or trained.weights_file),
@@ -694,11 +729,17 @@ def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)
-    _log_to_wandb(trained, name, payload)
+    if results_dir is not None:
+        from PIL import Image
+
+        for key, image in (plots or {}).items():  # RESULTS/<name>_<key>.png, also to W&B
+            Image.fromarray(image).save(results_dir / f"{name}_{key}.png")
+    _log_to_wandb(trained, name, payload, plots)
     return path
 
 
-def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any]) -> None:
+def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any],
+                  plots: dict[str, Any] | None = None) -> None:
     """Metrics (and the spectrum) into the run's own W&B run, resumed by its stored id."""
     from lsdr_repr.tracking import read_run_id
 
@@ -720,7 +761,11 @@ def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any]) 
         tracker.log(metrics, step)
         eig = payload.get("details", {}).get("eigenvalues")
         if eig:
-            tracker.log_spectrum(torch.tensor(eig), step, key=f"eval/{name}/spectrum")
+            m = payload.get("metrics", {})
+            tracker.log_spectrum(torch.tensor(eig), step, key=f"eval/{name}/spectrum",
+                                 num_samples=m.get("num_samples"), rankme=m.get("rankme"))
+        for key, image in (plots or {}).items():
+            tracker.log_plot(f"eval/{name}/{key}", image, step)
     finally:
         tracker.finish()
 

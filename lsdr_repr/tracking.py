@@ -63,14 +63,20 @@ class Tracker:
         """Scalars for one step (tensors are turned into floats)."""
 
     def log_images(
-        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None,
+        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
     ) -> None:
         """An image grid of `images` [N,3,H,W] (or [N,1,H,W]) with values in [0,1], `nrow`
         images per row (default: a near-square grid; pass the per-view count to get one view
-        per row)."""
+        per row), labelled along the side and the top when labels are given."""
 
-    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
-        """A log-scale plot of covariance eigenvalues [D] (any order, sorted here)."""
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum",
+                     num_samples: int | None = None, rankme: float | None = None) -> None:
+        """A log-scale plot of covariance eigenvalues [D] (any order, sorted here) of a batch of
+        `num_samples`: only the min(D, N - 1) a batch can resolve, the rank marked."""
+
+    def log_plot(self, key: str, image: Any, step: int) -> None:
+        """A rendered plot (uint8 numpy [H,W,3])."""
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Run-level values (final metrics): into the W&B summary and RUN_DIR/summary.json."""
@@ -112,22 +118,33 @@ class RunTracker(Tracker):
         self._wandb(lambda run: run.log(values, step=step))
 
     def log_images(
-        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None,
+        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
     ) -> None:
         if self._run is None:
             return
         import wandb
 
-        grid = image_grid(images, nrow)
+        if row_labels or col_labels:
+            grid = labelled_grid(images, nrow, row_labels, col_labels, title=f"{key}, step {step}")
+        else:
+            grid = image_grid(images, nrow)
         self._wandb(lambda run: run.log({key: wandb.Image(grid, caption=f"step {step}")}, step=step))
 
-    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum",
+                     num_samples: int | None = None, rankme: float | None = None) -> None:
+        if self._run is None:
+            return
+        plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}",
+                             num_samples=num_samples, rankme=rankme)
+        self.log_plot(key, plot, step)
+
+    def log_plot(self, key: str, image: Any, step: int) -> None:
         if self._run is None:
             return
         import wandb
 
-        plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}")
-        self._wandb(lambda run: run.log({key: wandb.Image(plot)}, step=step))
+        self._wandb(lambda run: run.log({key: wandb.Image(image)}, step=step))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         values = {key: _plain(value) for key, value in summary.items()}
@@ -375,31 +392,87 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> Any:
     return (grid.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
 
 
-def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum") -> Any:
+def resolvable_spectrum(eigenvalues: torch.Tensor, num_samples: int | None = None
+                        ) -> tuple[Any, int]:
+    """(the min(D, N - 1) largest eigenvalues, descending, as float64 numpy; the numerical
+    rank: how many exceed 1e-6 of the largest). N = `num_samples` (None: keep all D)."""
+    values = eigenvalues.detach().double().cpu().flatten()
+    values = torch.sort(values, descending=True).values.numpy()
+    keep = values.size if num_samples is None else max(1, min(values.size, num_samples - 1))
+    values = values[:keep]
+    top = float(values[0]) if values.size and math.isfinite(values[0]) else 0.0
+    rank = int((values > 1e-6 * top).sum()) if top > 0 else 0
+    return values, rank
+
+
+def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum",
+                  num_samples: int | None = None, rankme: float | None = None) -> Any:
     """eigenvalues [D] -> RGB uint8 numpy image [H,W,3] of the sorted spectrum on a log scale.
 
-    Uses the Agg canvas directly (no pyplot): no global figure state, no display needed.
+    A batch of N embeddings has a centred covariance of rank at most N - 1: the eigenvalues past
+    it are rounding noise (1e-30 and below), which on a log axis looks like a collapse. Only
+    the min(D, N - 1) resolvable ones are drawn (all of them when `num_samples` is None); the
+    numerical rank (eigenvalues above 1e-6 of the largest) is marked, and RankMe, when given,
+    goes in the title. Uses the Agg canvas directly (no pyplot): no global figure state.
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = eigenvalues.detach().float().cpu().flatten()
-    values = torch.sort(values, descending=True).values.numpy()
-    positive = values[values > 0]
-    # Eigenvalues <= 0 (numerical noise of a rank-deficient covariance) cannot sit on a log axis;
-    # they are drawn at the floor so the collapse stays visible.
-    floor = positive.min() * 1e-3 if positive.size else 1e-12
-    shown = np.maximum(values, floor)
-    fig = Figure(figsize=(5, 3.5), dpi=100)
+    total = eigenvalues.numel()
+    values, rank = resolvable_spectrum(eigenvalues, num_samples)
+    resolvable = values.size
+    top = values[0] if values.size and np.isfinite(values[0]) else 0.0
+    floor = top * 1e-7 if top > 0 else 1e-12
+    shown = np.maximum(np.nan_to_num(values, nan=floor), floor)
+    fig = Figure(figsize=(5.5, 3.8), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(np.arange(1, shown.size + 1), shown, linewidth=1.5)
+    ax.plot(np.arange(1, shown.size + 1), shown, linewidth=1.5, label="eigenvalue")
+    if 0 < rank < shown.size:
+        ax.axvline(rank, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"numerical rank {rank}")
     ax.set_yscale("log")
-    ax.set_xlabel("rank")
+    ax.set_xlabel("index (descending)")
     ax.set_ylabel("eigenvalue")
-    ax.set_title(title, fontsize=10)
+    if resolvable < total:
+        ax.text(0.98, 0.97, f"{resolvable} of {total} shown: a batch of {num_samples}\n"
+                f"resolves at most {num_samples - 1}", transform=ax.transAxes, ha="right",
+                va="top", fontsize=8, color="0.3")
+    heading = title if rankme is None else f"{title}\nRankMe {rankme:.1f} of {total} dims"
+    ax.set_title(heading, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def labelled_grid(images: torch.Tensor, nrow: int | None, row_labels: list[str] | None,
+                  col_labels: list[str] | None, title: str = "") -> Any:
+    """`image_grid` with a label per row (e.g. "view 1") and per column (e.g. "image 3")."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = image_grid(images, nrow)
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows_ = math.ceil(n / cols)
+    pad = 2  # make_grid's padding
+    scale = max(1.0, 48.0 / max(h, w))  # tiny crops drawn large enough to see
+    fig = Figure(figsize=(1.2 + cols * w * scale / 60, 0.9 + rows_ * h * scale / 60), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(cols)])
+    ax.set_xticklabels(col_labels or [""] * cols, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(rows_)])
+    ax.set_yticklabels(row_labels or [""] * rows_, fontsize=8)
+    ax.tick_params(length=0)
+    if title:
+        ax.set_xlabel(title, fontsize=8)
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -554,10 +554,18 @@ class Trainer:
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train
         if cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
-            grid = torch.cat([self.augment.denormalize(v[:8].float()) for v in views[:2]])
-            self.tracker.log_images("augmented_views", grid.cpu(), self.step, nrow=8)
+            shown = [v[:8] for v in views[:2]]
+            grid = torch.cat([self.augment.denormalize(v.float()) for v in shown])
+            # one row per view, one column per image: the same image's views stacked
+            self.tracker.log_images(
+                "augmented_views", grid.cpu(), self.step, nrow=len(shown[0]),
+                row_labels=[f"view {i + 1}" for i in range(len(shown))],
+                col_labels=[f"image {j + 1}" for j in range(len(shown[0]))])
         if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
-            self.tracker.log_spectrum(covariance_spectrum(self._last_projection).cpu(), self.step)
+            z = self._last_projection
+            self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
+                                      num_samples=z.shape[0],  # this rank's batch
+                                      rankme=embedding_diagnostics(z)["rankme"])
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:

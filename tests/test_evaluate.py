@@ -302,9 +302,23 @@ def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(dat
     assert again == table
 
 
-def test_demo_report_compares_trained_and_random_init(data, run):
+def test_demo_report_compares_trained_and_random_init(data, tmp_path):
+    from PIL import Image
+
+    from tests.wandb_history import read_wandb_history
+
+    ckpt, _ = make_run(tmp_path / "run", "resnet10t", {}, crop=32, wandb_run_id="demorun1",
+                       log={"wandb": {"mode": "offline", "project": "lsdr-test"}})
+    run = ckpt.parent.parent
     report = evaluate.demo_report(run, str(data["train"]), str(data["val"]), device="cpu",
                                   max_invariance_images=16)
+    # the invariance plot: a PNG in RUN_DIR/eval, named in the report, and in the W&B run
+    png = run / "eval" / "demo_invariance.png"
+    assert report["invariance_plot"] == str(png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 2 * image.size[1] > 500  # two panels
+    assert any(r.get("eval/demo/invariance", {}).get("_type") == "image-file"
+               for r in read_wandb_history(run))
     assert set(report["linear"]) == {"trained", "random_init"}
     for m in report["linear"].values():
         assert 0.0 <= m["top1"] <= 1.0
@@ -313,6 +327,7 @@ def test_demo_report_compares_trained_and_random_init(data, run):
     assert saved["metrics"]["linear_top1_trained"] == report["linear"]["trained"]["top1"]
     text = evaluate.format_report(report)
     assert "random_init" in text and "zoom_out/zeros" in text and "step-00000007.pt" in text
+    assert f"invariance plot (retrieval against strength): {png}" in text
     # the data's four colour classes: the demo prints the timm line with the real count
     assert report["num_classes"] == 4
     from lsdr_repr.cli import load_snippet

@@ -199,8 +199,39 @@ def test_image_grid_and_spectrum_plot_render_arrays():
     with pytest.raises(ValueError, match=r"\[N,3,H,W\]"):
         image_grid(torch.rand(3, 10, 10))
     plot = spectrum_plot(torch.logspace(0, -6, 64))
-    assert plot.shape == (350, 500, 3) and plot.std() > 0
-    assert spectrum_plot(torch.zeros(8)).shape == (350, 500, 3)  # full collapse still renders
+    assert plot.shape == (380, 550, 3) and plot.std() > 0
+    assert spectrum_plot(torch.zeros(8)).shape == (380, 550, 3)  # full collapse still renders
+
+
+def test_spectrum_shows_what_the_batch_resolves_and_marks_the_rank():
+    from lsdr_repr.objectives import covariance_spectrum
+    from lsdr_repr.tracking import resolvable_spectrum
+
+    gen = torch.Generator().manual_seed(0)
+    # 16 embeddings of 64 dims spanning 4 directions: the centred covariance has rank 4, and
+    # 64 - 15 of its eigenvalues are zero whatever the network (a batch of 16 resolves 15)
+    z = torch.randn(16, 4, generator=gen) @ torch.randn(4, 64, generator=gen)
+    eig = covariance_spectrum(z)
+    assert float(eig[20:].abs().max()) < 1e-20 * float(eig[0])  # what read as collapse
+    values, rank = resolvable_spectrum(eig, num_samples=16)
+    assert len(values) == 15 and rank == 4
+    values, rank = resolvable_spectrum(torch.randn(16, 64, generator=gen).pow(2).sum(0), None)
+    assert len(values) == 64 and rank == 64  # no batch size given: all of them
+    def red(plot):  # the rank line is the only red in the plot (tab:red, dashed)
+        return int(((plot[..., 0] > 180) & (plot[..., 1] < 80) & (plot[..., 2] < 80)).sum())
+
+    marked = spectrum_plot(eig, "spectrum", num_samples=16, rankme=3.9)
+    full_rank = spectrum_plot(torch.logspace(0, -2, 15), "spectrum", num_samples=16)
+    assert red(marked) > 50 and red(full_rank) == 0
+
+
+def test_labelled_view_grid_is_larger_than_the_bare_grid():
+    from lsdr_repr.tracking import labelled_grid
+
+    images = torch.rand(16, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    bare = image_grid(images, nrow=8)
+    labelled = labelled_grid(images, 8, ["view 1", "view 2"], [f"image {j}" for j in range(8)])
+    assert labelled.ndim == 3 and labelled.shape[0] > bare.shape[0] and labelled.shape[1] > bare.shape[1]
 
 
 # ---------------------------------------------------------------------------------- progress
