@@ -707,3 +707,25 @@ def _finish(out: Path, plan: list[PlannedShard], records: dict[str, dict[str, An
                     len(source.items), report_path)
     return WriteResult(out, manifest, manifest_path, report_path, total_written,
                        len(skipped_files), reused, written)
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """A local class-per-subfolder image tree (ImageFolder), not a shard directory."""
+    path = Path(os.path.expanduser(str(path)))
+    return (path.is_dir() and not (path / MANIFEST_NAME).exists()
+            and not any(path.glob("*.tar")) and any(p.is_dir() for p in path.iterdir()))
+
+
+def shards_for_image_folder(src: str | os.PathLike, out: str | os.PathLike, *,
+                            progress: bool = True) -> tuple[Path, bool]:
+    """`out`, holding the shards of the ImageFolder `src`: written now (with a progress bar) if
+    `out` has no manifest yet, else reused as it is. Returns (out, whether it was written).
+
+    For `lsdr train` with `data.train_shards` naming an image folder: the shards are written
+    once, into the run directory, and every later start (resume, requeue) streams them.
+    """
+    out = Path(out)
+    if (out / MANIFEST_NAME).is_file():
+        return out, False
+    write_shards(src, out, layout="imagefolder", progress=progress)
+    return out, True

@@ -96,6 +96,7 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
     device = dist.init_distributed(env, resolve_device_type(cfg.train.device))
     try:
         with _lock_run_dir(cfg.train.run_dir, env.rank):
+            cfg = _shards_from_image_folder(cfg, env.rank)
             return Trainer(cfg, env, device, preempt=preempt).run()
     except OSError as exc:
         # A full disk or a vanished mount outside the checkpoint writer (config.yaml, the W&B id
@@ -105,6 +106,32 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
                         "intact; run again to resume)") from exc
     finally:
         dist.cleanup()
+
+
+IMAGE_FOLDER_SHARDS = "shards/train"  # under RUN_DIR: where an ImageFolder source is written
+
+
+def _shards_from_image_folder(cfg: Config, rank: int) -> Config:
+    """`data.train_shards` naming a local ImageFolder: its shards are written once to
+    RUN_DIR/shards/train (rank 0, with a progress bar; the other ranks wait at a barrier) and
+    the run streams those. The config from here on (config.yaml, checkpoints) names the shards,
+    so a resume with the same command line finds the same config."""
+    from data_pipelines.writer import is_image_folder, shards_for_image_folder
+
+    spec = cfg.data.train_shards
+    if not spec or "::" in spec or not is_image_folder(spec):
+        return cfg
+    out = Path(cfg.train.run_dir) / IMAGE_FOLDER_SHARDS
+    if rank == 0:
+        if not (out / "manifest.json").is_file():
+            log.info("data.train_shards=%s is an image folder: writing it to shards in %s, once "
+                     "(later starts of this run stream them)", spec, out)
+        _, written = shards_for_image_folder(spec, out, progress=cfg.log.progress)
+        if not written:
+            log.info("data.train_shards=%s: streaming the shards written from it in %s", spec, out)
+    if dist.is_distributed():
+        dist.barrier()
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=str(out)))
 
 
 @contextlib.contextmanager

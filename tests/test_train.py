@@ -214,3 +214,35 @@ def test_nonfinite_losses_stop_without_overwriting_the_last_good_checkpoint(samp
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     # Resuming the diverged run fails the same way instead of silently training on.
     assert main(["train", str(DEMO), *overrides]) == EXIT_DIVERGED
+
+
+def test_train_from_an_image_folder_writes_shards_once_then_streams_them(image_folder, tmp_path,
+                                                                         capfd, caplog):
+    """`data.train_shards` naming an ImageFolder: shards under RUN_DIR on first use (a line and
+    a progress bar saying so), the run trains on them, and a second start reuses them."""
+    import logging
+
+    run_dir = tmp_path / "run"
+    args = ["train", str(DEMO), f"data.train_shards={image_folder}", f"train.run_dir={run_dir}",
+            *TINY, "train.total_steps=2", "train.log_every=1", "train.image_grid_every=0",
+            "train.spectrum_every=0", "train.eval_every=0", "log.wandb.mode=disabled",
+            "data.num_workers=0", "log.progress=true"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    shards = run_dir / "shards" / "train"
+    assert f"data.train_shards={image_folder} is an image folder: writing it to shards in " \
+           f"{shards}" in caplog.text
+    err = capfd.readouterr().err
+    assert f"writing {shards}" in err and "24/24" in err  # the writer's bar, every image
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert sum(s["num_samples"] for s in manifest["shards"]) == 24
+    assert checkpoint_steps(run_dir) == [2]
+    # the run's config names the shards it streamed, so a resume compares like with like
+    assert f"train_shards: {shards}" in (run_dir / "config.yaml").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0  # finished: resumes at the end
+    assert "streaming the shards written from it" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == before
+    assert "resuming with data.train_shards" not in caplog.text  # no config change seen
