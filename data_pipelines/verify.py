@@ -110,10 +110,14 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 
 
 def _tick(bar: Any, check: ShardCheck, done: list[ShardCheck]) -> ShardCheck:
-    """One shard done: advance the bar, with the sample counts so far."""
+    """One shard done: advance the bar, with the sample counts so far (kept on the bar, not
+    summed over `done` again, which would be quadratic in the number of shards)."""
+    counts = getattr(bar, "lsdr_counts", [0, 0])
+    counts[0] += check.good
+    counts[1] += check.bad
+    bar.lsdr_counts = counts
     bar.update(1)
-    bar.set_postfix(good=sum(c.good for c in done) + check.good,
-                    bad=sum(c.bad for c in done) + check.bad, refresh=False)
+    bar.set_postfix(good=counts[0], bad=counts[1], refresh=False)
     return check
 
 

@@ -343,9 +343,18 @@ def _write_and_check(
         diffs["onnxruntime"] = _check_close("onnxruntime", _run_onnx(out / "model.onnx", probe),
                                             reference)
         if dynamic_hw:  # proves the spatial axes work, not only that they are declared
-            diffs[f"onnxruntime {_other_size(size)}px"] = _check_close(
-                "onnxruntime at another size", _run_onnx(out / "model.onnx", other),
-                other_reference)
+            try:
+                diffs[f"onnxruntime {_other_size(size)}px"] = _check_close(
+                    "onnxruntime at another size", _run_onnx(out / "model.onnx", other),
+                    other_reference)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                # A graph that runs at the training size only (size-specific code traced into
+                # it): export it with a fixed height and width rather than not at all.
+                log.info("ONNX graph wrong at %d px (%s): exporting at %d px only",
+                         _other_size(size), str(exc).splitlines()[0][:200], size)
+                _export_onnx(backbone, example, out / "model.onnx", spatial=False)
+                diffs["onnxruntime"] = _check_close(
+                    "onnxruntime", _run_onnx(out / "model.onnx", probe), reference)
     elif fmt == "torchscript":
         _export_torchscript(trained, example, out / "model.pt")
         with _quiet():
