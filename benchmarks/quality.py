@@ -258,6 +258,8 @@ def job_overrides(job: dict[str, Any]) -> list[str]:
         f"data.val_shards={job['splits']['val']}", f"data.test_shards={job['splits']['test']}",
         f"data.image_size={job['image_size']}", f"data.batch_size={job['batch']}",
         f"data.num_workers={job['workers']}", f"augment.crop_size={job['crop']}",
+        # a --crop above --image-size is the measured small-image recipe, not a slip
+        f"augment.upscale={str(job['crop'] > job['image_size']).lower()}",
         f"train.total_steps={steps}",
         f"train.seed={job['seed']}", f"train.device={job['device']}",
         f"optim.warmup_steps={warmup}", f"train.checkpoint_every={steps}",

@@ -66,6 +66,7 @@ def add_shard_commands(sub, add) -> None:
             "decodes. Exit status 1 when anything is wrong.",
             "lsdr shards verify data/imagenet/train --workers 8")
     p.add_argument("out", help="shard directory (or its manifest.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="shards checked in parallel (default: %(default)s)")
     p.set_defaults(handler=_cmd_verify)
@@ -137,7 +138,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from data_pipelines.verify import verify_shards
 
-    report = verify_shards(args.out, workers=args.workers)
+    report = verify_shards(args.out, workers=args.workers, progress=not args.no_progress)
     for check in report.shards:
         print(f"{check.name}: {check.good} good, {check.bad} bad, "
               f"sha256 {'ok' if check.sha256_ok else 'MISMATCH'}")

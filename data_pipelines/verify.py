@@ -14,11 +14,13 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
 from data_pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image, pixel_limit
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest_file
+from lsdr_repr.errors import DataError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -65,20 +67,32 @@ class VerifyReport:
 
 
 def verify_shards(path: str | os.PathLike, workers: int = 1,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> VerifyReport:
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> VerifyReport:
     """Re-read every shard listed in the manifest of `path` (a shard dir or its manifest.json).
 
-    Raises `DataError` only when there is no readable manifest; everything else is reported.
+    Raises `DataError` only when there is no such directory or no readable manifest; everything
+    else is reported. `progress`: a tqdm bar on stderr, one tick per shard.
     """
     path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise DataError(f"{path}: no such directory")
+    if path.suffix != ".json" and not path.is_dir():
+        raise DataError(f"{path}: not a directory (give the shard directory or its manifest.json)")
     manifest = load_manifest_file(path if path.suffix == ".json" else path / MANIFEST_NAME)
     jobs = [(str(manifest.root / s.name), s, manifest.labelled, max_pixels)
             for s in manifest.shards]
-    if workers > 1 and len(jobs) > 1:
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            checks = list(pool.map(_check_shard, jobs))
-    else:
-        checks = [_check_shard(job) for job in jobs]
+    bar = _progress(len(jobs), progress, f"verifying {manifest.root}")
+    checks: list[ShardCheck] = []
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                for check in pool.map(_check_shard, jobs):
+                    checks.append(_tick(bar, check, checks))
+        else:
+            for job in jobs:
+                checks.append(_tick(bar, _check_shard(job), checks))
+    finally:
+        bar.close()
     listed = {s.name for s in manifest.shards}
     extra = sorted(e.name for e in os.scandir(manifest.root)
                    if e.name.endswith(".tar") and e.name not in listed)
@@ -86,6 +100,25 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
         if not check.ok:
             log.warning("%s: %s", check.name, "; ".join(check.problems[:3]) or "bad samples")
     return VerifyReport(manifest.root, manifest, checks, extra)
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled or total == 0,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _tick(bar: Any, check: ShardCheck, done: list[ShardCheck]) -> ShardCheck:
+    """One shard done: advance the bar, with the sample counts so far (kept on the bar, not
+    summed over `done` again, which would be quadratic in the number of shards)."""
+    counts = getattr(bar, "lsdr_counts", [0, 0])
+    counts[0] += check.good
+    counts[1] += check.bad
+    bar.lsdr_counts = counts
+    bar.update(1)
+    bar.set_postfix(good=counts[0], bad=counts[1], refresh=False)
+    return check
 
 
 def _check_shard(job: tuple[str, ShardInfo, bool, int]) -> ShardCheck:

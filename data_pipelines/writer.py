@@ -13,7 +13,7 @@ shards come out at or below the byte target unless images are re-encoded larger)
 carry fixed metadata (mtime 0, uid 0, mode 0444), so the same inputs and options give
 byte-identical shards, whatever the number of worker processes. A shard is written to a
 temporary name, fsynced, then renamed; a record of it (plan digest, sha256) goes to
-`OUT/.lsdr-write/`. A re-run keeps every shard whose plan digest and sha256 still match and
+`OUT/.lsdr-write/` (moved into `write_report.json` when the write completes). A re-run keeps every shard whose plan digest and sha256 still match and
 rewrites the rest, so an interrupted write finishes with the same shards as an uninterrupted one.
 `manifest.json` is removed when a write starts and written last: a directory with a manifest is
 complete.
@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -620,12 +621,20 @@ def _write_one(out: Path, shard: PlannedShard, results: Iterator[dict[str, Any]]
 
 
 def _read_record(out: Path, name: str) -> dict[str, Any] | None:
+    """The shard's record: from OUT/.lsdr-write/ during a write, else from the finished write's
+    report (where `_finish` moves them, so a complete directory has no hidden state)."""
     path = out / STATE_DIR / f"{name}.json"
     try:
         record = json.loads(path.read_text())
         return record if isinstance(record, dict) else None
     except (OSError, ValueError):
+        pass
+    try:
+        records = json.loads((out / REPORT_NAME).read_text()).get("shard_records", {})
+    except (OSError, ValueError, AttributeError):
         return None
+    record = records.get(name) if isinstance(records, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def _still_valid(path: Path, record: dict[str, Any], digest: str) -> bool:
@@ -667,6 +676,8 @@ def _finish(out: Path, plan: list[PlannedShard], records: dict[str, dict[str, An
         "conversions": dict(sorted(notes.items())),
         "skipped_files": skipped_files,
         "shards_reused": reused, "shards_written": written,
+        # what a re-run needs to keep these shards (checked against their sha256 again)
+        "shard_records": {r["name"]: r for r in ordered},
     }
     report_path = out / REPORT_NAME
     write_json_atomic(report_path, report)
@@ -688,8 +699,33 @@ def _finish(out: Path, plan: list[PlannedShard], records: dict[str, dict[str, An
         },
     )
     manifest_path = write_manifest(manifest)
+    # Complete: the manifest says which source this is and the report holds the shard records,
+    # so the hidden work folder goes (a shard folder is often shared or copied as it is).
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     if skipped_files:
         log.warning("%s: skipped %d of %d files (reasons in %s)", out, len(skipped_files),
                     len(source.items), report_path)
     return WriteResult(out, manifest, manifest_path, report_path, total_written,
                        len(skipped_files), reused, written)
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """A local class-per-subfolder image tree (ImageFolder), not a shard directory."""
+    path = Path(os.path.expanduser(str(path)))
+    return (path.is_dir() and not (path / MANIFEST_NAME).exists()
+            and not any(path.glob("*.tar")) and any(p.is_dir() for p in path.iterdir()))
+
+
+def shards_for_image_folder(src: str | os.PathLike, out: str | os.PathLike, *,
+                            progress: bool = True) -> tuple[Path, bool]:
+    """`out`, holding the shards of the ImageFolder `src`: written now (with a progress bar) if
+    `out` has no manifest yet, else reused as it is. Returns (out, whether it was written).
+
+    For `lsdr train` with `data.train_shards` naming an image folder: the shards are written
+    once, into the run directory, and every later start (resume, requeue) streams them.
+    """
+    out = Path(out)
+    if (out / MANIFEST_NAME).is_file():
+        return out, False
+    write_shards(src, out, layout="imagefolder", progress=progress)
+    return out, True

@@ -41,21 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "demo", "Write the embedded sample shards, train, export and evaluate.",
              "lsdr demo runs/demo")
-    p.add_argument("run_dir", nargs="?", default="runs/demo")
+    p.add_argument("run_dir", nargs="?", default="runs/demo",
+                   help="run directory: checkpoints, W&B files, eval and export (default: "
+                        "%(default)s)")
     p.add_argument("--data", default="data/sample", help="where the sample shards live")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     p.set_defaults(handler=_cmd_demo)
 
     p = _add(sub, "train", "Train (or resume) a run from a YAML config with key=value overrides.",
              "lsdr train configs/demo.yaml optim.lr=0.1 data.batch_size=64")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.1")
     p.set_defaults(handler=_cmd_train)
 
     p = _add(sub, "config", "Print the resolved config as YAML (after preset and overrides).",
              "lsdr config configs/resnet50_imagenet.yaml optim.lr=0.3")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.1")
     p.set_defaults(handler=_cmd_config)
 
     shards = _add(sub, "shards", "Write, index, verify and sample WebDataset shards.",
@@ -113,30 +115,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, preempt=preempt)
     finally:
         preempt.close()
+    from lsdr_repr.distributed import read_dist_env
+
+    if read_dist_env().rank != 0:  # every rank returns here; one summary, not one per GPU
+        return result.exit_code
     print(f"step {result.step}/{cfg.train.total_steps}; checkpoint: {result.checkpoint}; "
           f"W&B run: {result.wandb_path}")
+    sync = wandb_sync_line(result.run_dir)
+    if sync:
+        print(sync)
     return result.exit_code
+
+
+def wandb_sync_line(run_dir) -> str | None:
+    """"upload: wandb sync ..." covering every offline piece of the run (None: nothing offline)."""
+    from lsdr_repr.tracking import offline_run_dirs, wandb_sync_command
+
+    command = wandb_sync_command(run_dir)
+    if command is None:
+        return None
+    pieces = len(offline_run_dirs(run_dir))
+    return f"upload all {pieces} piece{'s' if pieces != 1 else ''} of the W&B run: {command}"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lsdr_repr.demo import run_demo
 
     result = run_demo(args.run_dir, args.data, args.overrides)
+    if not result.is_main:
+        return result.exit_code
     if result.report:
         print(result.report)
     print(f"run directory:   {result.run_dir}")
     print(f"checkpoint:      {result.checkpoint}")
-    print(f"W&B offline run: {result.wandb_path}  (sync later with `wandb sync`)")
+    sync = wandb_sync_line(result.run_dir)
+    if sync:
+        print(f"W&B offline run: {result.run_dir / 'wandb'}; {sync}")
+    elif result.wandb_path:
+        print(f"W&B run:         {result.wandb_path}")
     if result.export_dir:
         print(f"exported backbone: {result.export_dir}")
-        print("load it with:\n  " + load_snippet(result.export_dir))
+        print("load it with:\n  " + load_snippet(result.export_dir, result.num_classes))
     return result.exit_code
 
 
-def load_snippet(export_dir) -> str:
-    return (
-        f'timm.create_model("local-dir:{export_dir}", pretrained=True, num_classes=NUM_CLASSES)'
-    )
+def load_snippet(export_dir, num_classes: int | None = None) -> str:
+    """The timm line that loads an export; `num_classes` of the data (a placeholder if unknown)."""
+    classes = num_classes if num_classes is not None else "NUM_CLASSES"
+    return f'timm.create_model("local-dir:{export_dir}", pretrained=True, num_classes={classes})'
 
 
 def _early_preemption_flag(argv: Sequence[str]):

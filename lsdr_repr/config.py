@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -111,6 +112,9 @@ class AugmentConfig:
     preset: str | None = None  # vicreg | barlow | lsdr-invariance: base values under the file's
     num_views: int = 2
     crop_size: int = 224  # R
+    # views larger than the stored images (data.image_size < crop_size) only when asked for:
+    # deliberate for tiny images (configs/small_images.yaml), a forgotten override otherwise
+    upscale: bool = False
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resampling of the crop warp
     local_crops: int = 0  # multi-crop: extra small views
     local_crop_size: int = 96
@@ -398,6 +402,12 @@ def _check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.batch_size: must be at least 2 (the global batch; "
                           f"BatchNorm and the variance terms need 2 images), got "
                           f"{cfg.data.batch_size}")
+    if cfg.data.image_size < cfg.augment.crop_size and not cfg.augment.upscale:
+        # The crops are cut from the loader's S x S images: a larger crop would be an upscale
+        # of every view, which no one means (usually a forgotten data.image_size override).
+        raise ConfigError(f"{source}: data.image_size={cfg.data.image_size} is smaller than "
+                          f"augment.crop_size={cfg.augment.crop_size}; raise data.image_size, lower "
+                          f"augment.crop_size, or set augment.upscale=true to upscale on purpose")
     if cfg.augment.kornia:  # kornia loads only for configs that name its modules
         from lsdr_repr.kornia_ops import check_specs
 
@@ -454,7 +464,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     for key in raw:
         if key not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known here: {known})")
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint} (known here: {known})")
     kwargs = {}
     for name in names & set(raw):
         kwargs[name] = _convert(hints[name], raw[name], f"{prefix}{name}", source)

@@ -27,6 +27,8 @@ class DemoResult:
     wandb_path: str | None = None
     export_dir: Path | None = None
     report: str | None = None
+    num_classes: int | None = None  # of the data, for the printed timm line
+    is_main: bool = True  # rank 0 (or a single process): the one that evaluates and prints
 
 
 def demo_config_path() -> Path:
@@ -40,6 +42,7 @@ def demo_config_path() -> Path:
 
 def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> DemoResult:
     from data_pipelines.sample import write_sample_shards
+    from lsdr_repr.distributed import read_dist_env
     from lsdr_repr.evaluate import demo_report, format_report
     from lsdr_repr.export import export_backbone
     from lsdr_repr.train import EXIT_OK, train
@@ -56,8 +59,15 @@ def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> Demo
     demo = DemoResult(result.exit_code, Path(run_dir), result.checkpoint, result.wandb_path)
     if result.exit_code != EXIT_OK:
         return demo
+    if read_dist_env().rank != 0:
+        # Under torchrun every rank trains; one evaluates, exports and prints (the others would
+        # repeat the two-minute evaluation and race on RUN_DIR/export).
+        demo.is_main = False
+        return demo
     # Evaluate first: the export's model card quotes the results written to RUN_DIR/eval.
-    report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]))
+    # bars on stderr: the two-minute evaluation is otherwise silent
+    report = demo_report(Path(run_dir), str(splits["train"]), str(splits["test"]), progress=True)
     demo.report = format_report(report)
+    demo.num_classes = report.get("num_classes")
     demo.export_dir = export_backbone(Path(run_dir), Path(run_dir) / "export", overwrite=True).out_dir
     return demo

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsdr_repr import invariance, probes
-from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.errors import ConfigError, DataError, LsdrError
 from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
 
 log = logging.getLogger(__name__)
@@ -170,31 +170,54 @@ def extract_features(
     batch_size: int = 128,
     num_workers: int = 2,
     max_samples: int | None = None,
+    progress: bool = False,
 ) -> Features:
     """Embeddings [N,F] and labels [N] of every image in `data` (centre view at image_size).
 
     The backbone is put in eval mode for the pass and given back in the mode it was in.
+    `progress`: a tqdm bar on stderr (images; the total when a manifest or folder tells it).
     """
+    from lsdr_repr.tracking import progress_bar
+
     device = resolve_device(device)
     was_training = backbone.training
     backbone.eval()
     xs, ys, skipped, seen = [], [], 0, 0
+    total = _count_images(data) if progress else None
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
     try:
-        for images, labels, skip in iter_images(data, image_size, batch_size, num_workers):
-            skipped += skip
-            if max_samples is not None:
-                images, labels = images[:max_samples - seen], labels[:max_samples - seen]
-            x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
-            xs.append(backbone(x).float().cpu())
-            ys.append(labels.long().cpu())
-            seen += len(labels)
-            if max_samples is not None and seen >= max_samples:
-                break
+        with progress_bar(total, f"features of {data}", "img", progress) as bar:
+            for images, labels, skip in iter_images(data, image_size, batch_size, num_workers):
+                skipped += skip
+                if max_samples is not None:
+                    images, labels = images[:max_samples - seen], labels[:max_samples - seen]
+                x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
+                xs.append(backbone(x).float().cpu())
+                ys.append(labels.long().cpu())
+                seen += len(labels)
+                bar.update(len(labels))
+                if max_samples is not None and seen >= max_samples:
+                    break
     finally:
         backbone.train(was_training)
     if not xs:
         raise DataError(f"{data}: no images were read")
     return Features(torch.cat(xs), torch.cat(ys), skipped)
+
+
+def _count_images(data: str | Path) -> int | None:
+    """How many images `data` holds, if that is cheap to know (a manifest, a local folder);
+    None otherwise (the bar then counts without a total)."""
+    try:
+        if is_image_folder(data):
+            return sum(1 for p in Path(data).rglob("*") if p.is_file())
+        from data_pipelines.sources import resolve_source
+
+        counts = [resolve_source(part).manifest for part in str(data).split("::")]
+        return sum(m.num_samples for m in counts) if all(counts) else None
+    except (OSError, LsdrError):
+        return None
 
 
 def cached_features(
@@ -239,8 +262,9 @@ class _Evaluator:
     """A loaded backbone with its results folder and feature cache (one per CLI command)."""
 
     def __init__(self, trained: TrainedBackbone, results_dir: Path | None, device: str,
-                 batch_size: int, num_workers: int) -> None:
+                 batch_size: int, num_workers: int, progress: bool = False) -> None:
         self.trained = trained
+        self.progress = progress  # tqdm bars on stderr for each pass
         self.results_dir = results_dir
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -255,7 +279,7 @@ class _Evaluator:
             backbone if backbone is not None else t.backbone,
             weights_key or t.cache_key(), data, t.image_size, t.mean, t.std, cache,
             device=self.device, batch_size=self.batch_size, num_workers=self.num_workers,
-            max_samples=max_samples,
+            max_samples=max_samples, progress=self.progress,
         )
 
 
@@ -276,11 +300,25 @@ def linear_eval(ev: _Evaluator, train: str, val: str,
                 seed: int = 0) -> dict[str, Any]:
     tr = ev.features(train).labelled(train)
     va = ev.features(val).labelled(val)
-    res = probes.linear_probe(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
-                              va.y.to(ev.device), weight_decays=weight_decays, seed=seed)
+    res = _linear_probe(ev, tr, va, weight_decays=weight_decays, seed=seed)
     return {"metrics": res.metrics(),
             "details": {"train": str(train), "val": str(val), "num_train": len(tr.y),
                         "num_val": len(va.y), "val_top1_per_weight_decay": res.val_top1}}
+
+
+def _linear_probe(ev: _Evaluator, tr: Features, va: Features, **kwargs: Any
+                  ) -> probes.LinearProbeResult:
+    """`probes.linear_probe` on the evaluator's device, with a bar over its L-BFGS fits."""
+    from lsdr_repr.tracking import progress_bar
+
+    fits = probes.linear_probe_fits(kwargs.get("weight_decays", probes.DEFAULT_WEIGHT_DECAYS))
+    with progress_bar(fits, "linear probe (L-BFGS fits)", "fit", ev.progress) as bar:
+        def on_fit(what: str) -> None:
+            bar.set_postfix_str(what, refresh=False)
+            bar.update(1)
+
+        return probes.linear_probe(tr.x.to(ev.device), tr.y.to(ev.device), va.x.to(ev.device),
+                                   va.y.to(ev.device), on_fit=on_fit, **kwargs)
 
 
 def embedding_rank(z: torch.Tensor) -> dict[str, Any]:
@@ -307,7 +345,8 @@ def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict
     png = None
     if ev.results_dir is not None:
         png = plot_spectrum(eig, ev.results_dir / "rank_spectrum.png",
-                            f"{ev.trained.arch} step {ev.trained.step}: RankMe {rank:.1f}")
+                            f"{ev.trained.arch} step {ev.trained.step}, {len(feats.x)} images",
+                            num_samples=len(feats.x), rankme=rank)
     return {"metrics": {"rankme": rank, "numerical_rank": result["numerical_rank"],
                         "num_features": int(feats.x.shape[1]),
                         "num_samples": int(feats.x.shape[0])},
@@ -315,26 +354,53 @@ def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict
                         "plot": str(png) if png else None}}
 
 
-def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str) -> Path:
-    """Log-scale eigenvalue spectrum [F] (descending) as a PNG."""
-    # A bare Figure on the Agg canvas: no pyplot, so no global backend or figure registry that
-    # the trainer's own plotting (or a notebook) would share.
+def plot_spectrum(eigenvalues: torch.Tensor, path: Path, title: str,
+                  num_samples: int | None = None, rankme: float | None = None) -> Path:
+    """Log-scale eigenvalue spectrum [F] (descending) as a PNG: the trainer's plot
+    (`tracking.spectrum_plot`: the resolvable eigenvalues, the rank marked, RankMe)."""
+    from PIL import Image
+
+    from lsdr_repr.tracking import spectrum_plot
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(spectrum_plot(eigenvalues, title, num_samples, rankme)).save(path)
+    return path
+
+
+def invariance_plot(tables: dict[str, dict[str, dict[str, dict[str, float]]]],
+                    title: str = "") -> Any:
+    """Retrieval top-1 against transform strength, one line per transform (and fill), one panel
+    per backbone in `tables` ({"trained": table, "random_init": table}) -> uint8 [H,W,3]."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    eig = eigenvalues.double().clamp_min(1e-12).cpu().numpy()
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.semilogy(range(1, len(eig) + 1), eig)
-    ax.set_xlabel("eigenvalue index")
-    ax.set_ylabel("eigenvalue of the embedding covariance")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    fig = Figure(figsize=(4 * len(tables) + 2.6, 4), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    for ax, (name, table) in zip(axes, tables.items(), strict=True):
+        for row, cells in table.items():
+            levels = list(cells)
+            values = [cells[level]["retrieval_top1"] for level in levels]
+            # the strengths differ per transform (degrees, factors): named in the legend
+            ax.plot(range(1, len(levels) + 1), values, marker="o",
+                    label=f"{row} ({', '.join(levels)})",
+                    linestyle="--" if row.endswith("/reflection") else "-")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("strength (1 = mildest)")
+        ax.set_xticks(range(1, max(len(c) for c in table.values()) + 1))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("retrieval top-1 (finds its original)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / fig.get_figwidth(), 1))
+    # beside the panels, not over the lines
+    fig.legend(handles, labels, loc="center right", fontsize=7, title="transform (strengths)",
+               title_fontsize=7, frameon=False)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def invariance_table(
@@ -345,6 +411,7 @@ def invariance_table(
     families: Sequence[str] = FAMILIES,
     reference: torch.Tensor | None = None,
     batch_size: int = 128,
+    on_cell: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{row: {level: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
     images [B,3,R,R] -> [B,F]: `lsdr_repr.invariance.invariance_table` (Kornia's transforms,
@@ -352,7 +419,7 @@ def invariance_table(
     size = images01.shape[-1]
     return invariance.invariance_table(
         lambda x01: encoder(normalize_images(x01, size, mean, std)), images01, families,
-        reference, batch_size)
+        reference, batch_size, on_cell)
 
 
 def load_images01(data: str | Path, image_size: int, max_images: int,
@@ -384,11 +451,20 @@ def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIE
     model = backbone if backbone is not None else t.backbone
     ref = None if reference is None else ev.features(reference, model, reference_key,
                                                      max_samples=4096).x
+    from lsdr_repr.tracking import progress_bar
+
     was_training = model.training
     model.eval()
     try:
-        table = invariance_table(model, images.to(ev.device), t.mean, t.std, families,
-                                 None if ref is None else ref.to(ev.device), ev.batch_size)
+        with progress_bar(invariance.num_cells(families), f"invariance of {len(images)} images",
+                          "transform", ev.progress) as bar:
+            def on_cell(name: str) -> None:
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
+
+            table = invariance_table(model, images.to(ev.device), t.mean, t.std, families,
+                                     None if ref is None else ref.to(ev.device), ev.batch_size,
+                                     on_cell=on_cell)
     finally:
         model.train(was_training)
     metrics = {f"{row}@{level}/{m}": v for row, cells in table.items()
@@ -433,8 +509,34 @@ def finetune_eval(
         K.RandomResizedCrop((t.image_size, t.image_size), scale=(0.35, 1.0)),
         K.RandomHorizontalFlip(),
     ).to(ev.device)
+    from lsdr_repr.tracking import progress_bar
+
     losses = []
     batches = _train_batches(train, t.image_size, ev.batch_size, ev.num_workers, seed)
+    with progress_bar(total, f"fine-tuning {epochs} epochs", "step", ev.progress) as bar:
+        _finetune_steps(model, augment, optimizer, scheduler, batches, total, t, ev, losses, bar)
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad(), progress_bar(_count_images(val) if ev.progress else None,
+                                       f"fine-tuned top-1 on {val}", "img", ev.progress) as bar:
+        for images, y, _ in iter_images(val, t.image_size, ev.batch_size, ev.num_workers):
+            scores.append(model(normalize_images(images.to(ev.device), t.image_size, t.mean,
+                                                 t.std)).float().cpu())
+            labels.append(y)
+            bar.update(len(y))
+    y = torch.cat(labels)
+    if (y < 0).any():
+        raise DataError(f"{val}: {int((y < 0).sum())} samples have no label (cls)")
+    acc = probes.topk_accuracy(torch.cat(scores), y)
+    return {"metrics": {**acc, "final_loss": sum(losses[-10:]) / len(losses[-10:])},
+            "details": {"train": str(train), "val": str(val), "epochs": epochs, "steps": total,
+                        "lr": lr, "optimizer": optim_name, "weight_decay": weight_decay,
+                        "num_classes": num_classes}}
+
+
+def _finetune_steps(model: nn.Module, augment: nn.Module, optimizer: Any, scheduler: Any,
+                    batches: Iterator, total: int, t: TrainedBackbone, ev: _Evaluator,
+                    losses: list[float], bar: Any) -> None:
     for step in range(total):
         images, labels = next(batches)
         x = augment(images.to(ev.device).float().div(255.0))
@@ -447,21 +549,8 @@ def finetune_eval(
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise DataError(f"fine-tuning diverged at step {step} (loss {losses[-1]}): lower --lr")
-    model.eval()
-    scores, labels = [], []
-    with torch.no_grad():
-        for images, y, _ in iter_images(val, t.image_size, ev.batch_size, ev.num_workers):
-            scores.append(model(normalize_images(images.to(ev.device), t.image_size, t.mean,
-                                                 t.std)).float().cpu())
-            labels.append(y)
-    y = torch.cat(labels)
-    if (y < 0).any():
-        raise DataError(f"{val}: {int((y < 0).sum())} samples have no label (cls)")
-    acc = probes.topk_accuracy(torch.cat(scores), y)
-    return {"metrics": {**acc, "final_loss": sum(losses[-10:]) / len(losses[-10:])},
-            "details": {"train": str(train), "val": str(val), "epochs": epochs, "steps": total,
-                        "lr": lr, "optimizer": optim_name, "weight_decay": weight_decay,
-                        "num_classes": num_classes}}
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+        bar.update(1)
 
 
 def _count_labelled(data: str, image_size: int, ev: _Evaluator) -> tuple[int, int]:
@@ -546,12 +635,13 @@ def demo_report(
     *,
     device: str = "auto",
     max_invariance_images: int = 256,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Linear probe of the trained backbone vs the same architecture at random init, and the
     invariance table of both, on the held-out `eval_shards` (written to RUN_DIR/eval/demo.json)."""
     trained = load_trained_backbone(run_dir)
     results = _results_dir(trained, None)
-    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2)
+    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2, progress=progress)
     baseline = random_backbone(trained, seed=0).to(ev.device)
     random_key = f"random-init:{trained.arch}:seed0:{trained.cache_key()}"
     report: dict[str, Any] = {"arch": trained.arch, "step": trained.step,
@@ -561,14 +651,21 @@ def demo_report(
                              ("random_init", baseline, random_key)):
         tr = ev.features(train_shards, model, key).labelled(train_shards)
         te = ev.features(eval_shards, model, key).labelled(eval_shards)
-        res = probes.linear_probe(tr.x, tr.y, te.x, te.y)
+        res = _linear_probe(ev, tr, te)
         report["linear"][name] = res.metrics()
+        # labels are 0..K-1: K is what a classifier head on this data needs
+        report["num_classes"] = int(max(tr.y.max(), te.y.max())) + 1
         report["invariance"][name] = invariance_eval(
             ev, eval_shards, max_images=max_invariance_images, reference=train_shards,
             backbone=model, reference_key=key)["table"]
+    plot = invariance_plot(report["invariance"], f"{trained.arch} after {trained.step} steps: "
+                           "retrieval under Kornia's transforms")
     _write_result(results, "demo", {"metrics": {
         "linear_top1_trained": report["linear"]["trained"]["top1"],
-        "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained)
+        "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained,
+        plots={"invariance": plot})
+    if results is not None:
+        report["invariance_plot"] = str(results / "demo_invariance.png")
     return report
 
 
@@ -583,6 +680,8 @@ def format_report(report: dict[str, Any]) -> str:
     for name, table in report["invariance"].items():
         lines += [f"invariance ({name}): {INVARIANCE_LEGEND}",
                   format_invariance(table), ""]
+    if report.get("invariance_plot"):
+        lines.append(f"invariance plot (retrieval against strength): {report['invariance_plot']}")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -620,7 +719,7 @@ def _results_dir(trained: TrainedBackbone, out: str | Path | None) -> Path | Non
 
 
 def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
-                  trained: TrainedBackbone) -> Path | None:
+                  trained: TrainedBackbone, plots: dict[str, Any] | None = None) -> Path | None:
     """RESULTS/<name>.json (atomic) and the metrics to the run's W&B run."""
     payload = {"name": name, "arch": trained.arch, "step": trained.step,
                "checkpoint": str(trained.checkpoint or trained.weights_file),
@@ -632,11 +731,17 @@ def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)
-    _log_to_wandb(trained, name, payload)
+    if results_dir is not None:
+        from PIL import Image
+
+        for key, image in (plots or {}).items():  # RESULTS/<name>_<key>.png, also to W&B
+            Image.fromarray(image).save(results_dir / f"{name}_{key}.png")
+    _log_to_wandb(trained, name, payload, plots)
     return path
 
 
-def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any]) -> None:
+def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any],
+                  plots: dict[str, Any] | None = None) -> None:
     """Metrics (and the spectrum) into the run's own W&B run, resumed by its stored id."""
     from lsdr_repr.tracking import read_run_id
 
@@ -658,7 +763,11 @@ def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any]) 
         tracker.log(metrics, step)
         eig = payload.get("details", {}).get("eigenvalues")
         if eig:
-            tracker.log_spectrum(torch.tensor(eig), step, key=f"eval/{name}/spectrum")
+            m = payload.get("metrics", {})
+            tracker.log_spectrum(torch.tensor(eig), step, key=f"eval/{name}/spectrum",
+                                 num_samples=m.get("num_samples"), rankme=m.get("rankme"))
+        for key, image in (plots or {}).items():
+            tracker.log_plot(f"eval/{name}/{key}", image, step)
     finally:
         tracker.finish()
 
@@ -675,6 +784,7 @@ def add_cli_commands(sub, add) -> None:
         q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--batch-size", type=int, default=128)
         q.add_argument("--workers", type=int, default=2, help="reader worker processes")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def labelled(q: argparse.ArgumentParser) -> None:
         q.add_argument("--train", default=None, help="labelled shards or ImageFolder "
@@ -739,11 +849,23 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _setup(args: argparse.Namespace) -> _Evaluator:
+    """Check every argument that can be checked, then load: a typo in --val must not cost the
+    model load and the train split's features first."""
+    from lsdr_repr.export import is_export_dir
+
+    if args.out is None and is_export_dir(args.source):
+        raise ConfigError(f"{args.source}: an export folder has no run directory for the "
+                          "results; give a results folder with --out")
+    for flag in ("train", "val", "data", "reference"):
+        value = getattr(args, flag, None)
+        if value and value != "none":
+            _check_data_exists(value, f"--{flag}")
     trained = load_trained_backbone(args.source)
     results = _results_dir(trained, args.out)
     if results is None:
         raise ConfigError(f"{args.source}: not a run; give a results folder with --out")
-    return _Evaluator(trained, results, args.device, args.batch_size, args.workers)
+    return _Evaluator(trained, results, args.device, args.batch_size, args.workers,
+                      progress=not args.no_progress)
 
 
 def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
@@ -757,6 +879,29 @@ def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
     return value
 
 
+def _data_args(ev: _Evaluator, *given: tuple[str | None, str]) -> list[str]:
+    """`_default_data` for each (flag value, config field), then every default taken from the
+    run's config checked to exist, all before the first feature is computed."""
+    values = [_default_data(ev, value, field) for value, field in given]
+    for (value, field), resolved in zip(given, values, strict=True):
+        if not value:
+            _check_data_exists(resolved, f"the source's data.{field}")
+    return values
+
+
+def _check_data_exists(spec: str, what: str) -> None:
+    """A local path in a data argument that is not there, named before any work starts.
+    Remote URLs, `pipe:` commands, globs and brace patterns are left to the readers."""
+    from data_pipelines.sources import is_remote
+
+    for part in str(spec).split("::"):
+        part = part.strip()
+        if not part or is_remote(part) or part.startswith("pipe:") or any(c in part for c in "*?[{"):
+            continue
+        if not Path(os.path.expanduser(part)).exists():
+            raise ConfigError(f"{what} {part}: no such file or directory")
+
+
 def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int:
     path = _write_result(ev.results_dir, name, result, ev.trained)
     print(text)
@@ -767,22 +912,22 @@ def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int
 
 def _cmd_knn(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = knn_eval(ev, _default_data(ev, args.train, "train_shards"),
-                   _default_data(ev, args.val, "val_shards"), args.k, args.temperature)
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = knn_eval(ev, train, val, args.k, args.temperature)
     return _finish(ev, "knn", res, format_metrics("knn", res["metrics"]))
 
 
 def _cmd_linear(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = linear_eval(ev, _default_data(ev, args.train, "train_shards"),
-                      _default_data(ev, args.val, "val_shards"), args.weight_decays, args.seed)
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = linear_eval(ev, train, val, args.weight_decays, args.seed)
     return _finish(ev, "linear", res, format_metrics("linear probe", res["metrics"]))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = finetune_eval(ev, _default_data(ev, args.train, "train_shards"),
-                        _default_data(ev, args.val, "val_shards"), args.epochs, args.lr,
+    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
+    res = finetune_eval(ev, train, val, args.epochs, args.lr,
                         args.weight_decay, args.optimizer, args.seed)
     return _finish(ev, "finetune", res, format_metrics("fine-tuning", res["metrics"]))
 
@@ -791,7 +936,8 @@ def _cmd_invariance(args: argparse.Namespace) -> int:
     ev = _setup(args)
     reference = None if args.reference == "none" else (
         args.reference or ev.trained.config.data.train_shards or None)
-    res = invariance_eval(ev, _default_data(ev, args.data, "val_shards"), args.families,
+    (data,) = _data_args(ev, (args.data, "val_shards"))
+    res = invariance_eval(ev, data, args.families,
                           args.max_images, reference)
     text = f"{INVARIANCE_LEGEND}\n{format_invariance(res['table'])}"
     return _finish(ev, "invariance", res, text)
@@ -799,7 +945,8 @@ def _cmd_invariance(args: argparse.Namespace) -> int:
 
 def _cmd_rank(args: argparse.Namespace) -> int:
     ev = _setup(args)
-    res = rank_eval(ev, _default_data(ev, args.data, "val_shards"), args.max_samples)
+    (data,) = _data_args(ev, (args.data, "val_shards"))
+    res = rank_eval(ev, data, args.max_samples)
     text = format_metrics("rank", res["metrics"])
     if res["details"]["plot"]:
         text += f"\nspectrum plot: {res['details']['plot']}"

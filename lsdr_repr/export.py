@@ -336,9 +336,25 @@ def _write_and_check(
             with torch.no_grad():
                 diffs[name] = _check_close(name, model(probe), reference)
     elif fmt == "onnx":
-        _export_onnx(backbone, example, out / "model.onnx")
+        other = torch.randn(3, 3, _other_size(size), _other_size(size), generator=gen)
+        other_reference = _runs_at(backbone, other)
+        dynamic_hw = _export_onnx(backbone, example, out / "model.onnx",
+                                  spatial=other_reference is not None)
         diffs["onnxruntime"] = _check_close("onnxruntime", _run_onnx(out / "model.onnx", probe),
                                             reference)
+        if dynamic_hw:  # proves the spatial axes work, not only that they are declared
+            try:
+                diffs[f"onnxruntime {_other_size(size)}px"] = _check_close(
+                    "onnxruntime at another size", _run_onnx(out / "model.onnx", other),
+                    other_reference)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                # A graph that runs at the training size only (size-specific code traced into
+                # it): export it with a fixed height and width rather than not at all.
+                log.info("ONNX graph wrong at %d px (%s): exporting at %d px only",
+                         _other_size(size), str(exc).splitlines()[0][:200], size)
+                _export_onnx(backbone, example, out / "model.onnx", spatial=False)
+                diffs["onnxruntime"] = _check_close(
+                    "onnxruntime", _run_onnx(out / "model.onnx", probe), reference)
     elif fmt == "torchscript":
         _export_torchscript(trained, example, out / "model.pt")
         with _quiet():
@@ -356,6 +372,12 @@ def write_safetensors(backbone: nn.Module, path: Path) -> None:
     # and tied/shared tensors must be separate entries.
     state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt"})
+    # safetensors writes through a private (0600) temporary file: give it the mode every other
+    # file of the export has (0666 less the umask), so colleagues on a shared file system can
+    # read the weights the README and config.json point them to.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_timm_config(trained: TrainedBackbone, path: Path) -> dict:
@@ -419,27 +441,38 @@ def _reload_timm(trained: TrainedBackbone, out: Path) -> Iterator[tuple[str, nn.
         raise CheckpointError(f"export check failed: timm cannot load {out}: {first}") from None
 
 
-def _export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path,
+                 spatial: bool = True) -> bool:
+    """Write the ONNX graph with a dynamic batch axis and, if `spatial` and the exporters manage,
+    dynamic height and width (a graph fixed at the training size refuses a 96 px input in
+    onnxruntime). Returns whether the spatial axes are dynamic."""
     n_bytes = sum(p.numel() * p.element_size() for p in backbone.state_dict().values())
     errors = []
-    for dynamo in (True, False):
+    attempts = [(True, True), (False, True)] if spatial else []
+    attempts += [(True, False), (False, False)]
+    for dynamo, dynamic_hw in attempts:
         try:
             with _quiet():
                 if dynamo:
-                    batch = torch.export.Dim("batch", min=1)
+                    axes = {0: torch.export.Dim("batch", min=1)}
+                    if dynamic_hw:
+                        axes |= {2: torch.export.Dim("height", min=8),
+                                 3: torch.export.Dim("width", min=8)}
                     torch.onnx.export(
                         backbone, (example,), str(path), dynamo=True, input_names=["images"],
-                        output_names=["embedding"], dynamic_shapes=({0: batch},),
+                        output_names=["embedding"], dynamic_shapes=(axes,), verbose=False,
                         external_data=n_bytes > 1_800_000_000,  # protobuf's 2 GiB limit
                     )
                 else:
+                    images = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
                     torch.onnx.export(
                         backbone, (example,), str(path), dynamo=False, input_names=["images"],
                         output_names=["embedding"],
-                        dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                        dynamic_axes={"images": images, "embedding": {0: "batch"}},
                     )
-            log.info("ONNX graph from the %s exporter", "dynamo" if dynamo else "TorchScript")
-            return
+            log.info("ONNX graph from the %s exporter (%s)", "dynamo" if dynamo else "TorchScript",
+                     "dynamic batch, height and width" if dynamic_hw else "dynamic batch")
+            return dynamic_hw
         except Exception as exc:  # noqa: BLE001 - exporters raise many types; the message matters
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {first[:200]}")
@@ -447,6 +480,21 @@ def _export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path) -> None
             for stale in path.parent.glob(path.name + "*"):
                 stale.unlink()
     raise CheckpointError(f"ONNX export not possible for this architecture ({'; '.join(errors)})")
+
+
+def _other_size(size: int) -> int:
+    """A second input side for the export checks: 1.5x the training size (64 -> 96)."""
+    return size + size // 2
+
+
+def _runs_at(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The backbone's output for `x`, or None if it cannot take that size (a ViT built with a
+    fixed img_size): such a backbone is exported at the training size only."""
+    try:
+        with torch.no_grad(), _quiet():
+            return backbone(x)
+    except Exception:  # noqa: BLE001 - shape errors come as RuntimeError, AssertionError, ...
+        return None
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -490,15 +538,18 @@ def _check_close(name: str, out: torch.Tensor, ref: torch.Tensor) -> float:
 def _quiet() -> Iterator[None]:
     # The exporters and timm's loader warn at length about things that are expected here
     # (deprecated TorchScript exporter, tracer warnings, adapted heads).
-    timm_log = logging.getLogger("timm")
-    level = timm_log.level
-    timm_log.setLevel(logging.ERROR)
+    # onnxscript and onnx_ir log a score of INFO lines per ONNX export (passes, rewrites).
+    loggers = [logging.getLogger(name) for name in ("timm", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        timm_log.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------- model card
@@ -521,8 +572,7 @@ def model_card(trained: TrainedBackbone, fmt: str, out_dir: str | Path = "OUT",
     lines += ["## Training", ""]
     if cfg is not None:
         obj = cfg.objective
-        weights = (f"invariance {obj.invariance_weight}, variance {obj.variance_weight}, "
-                   f"decorrelation {obj.decorrelation_weight}")
+        weights = _objective_weights(cfg)
         name = ("LSDR, Large Scale Data Representation: invariance and variance terms with "
                 "decorrelation regularisation" if obj.name == "lsdr" else obj.name)
         lines += [
@@ -557,15 +607,38 @@ def model_card(trained: TrainedBackbone, fmt: str, out_dir: str | Path = "OUT",
             "```",
         ]
     elif fmt == "onnx":
-        lines += [("`model.onnx`: input `images` float32 [B,3,"
-                  f"{size},{size}] (normalised), output `embedding` [B,{trained.num_features}]."),
+        lines += [("`model.onnx`: input `images` float32 [B,3,H,W] (normalised; trained at "
+                  f"{size}x{size}; H and W are fixed at {size} if the architecture needs it: see "
+                  f"the input's shape), output `embedding` [B,{trained.num_features}]."),
                   "", "```python", "import onnxruntime as ort",
                   'session = ort.InferenceSession("model.onnx")',
                   'emb = session.run(None, {"images": x})[0]', "```"]
     else:
-        lines += ["```python", "import torch", 'model = torch.jit.load("model.pt")',
+        lines += ["```python", "import warnings", "", "import torch", "",
+                  "# torch >= 2.9 marks TorchScript deprecated; the file still loads and runs",
+                  "with warnings.catch_warnings():",
+                  ('    warnings.filterwarnings("ignore", message=r"`torch\\.jit\\.load` is '
+                  'deprecated", category=FutureWarning)'),
+                  '    model = torch.jit.load("model.pt")',
                   f"emb = model(x)  # x: [B,3,{size},{size}] normalised", "```"]
     return "\n".join(lines) + "\n"
+
+
+def _objective_weights(cfg: Any) -> str:
+    """Every weight of the objective the run trained with, stage lists included."""
+    obj, stages = cfg.objective, list(cfg.model.stages)
+    if obj.name == "barlow":
+        return f"off-diagonal lambda {obj.barlow_lambda}"
+    parts = [f"invariance {obj.invariance_weight}", (f"variance {obj.variance_weight} "
+             f"(gamma {obj.gamma})"), f"decorrelation {obj.decorrelation_weight}"]
+    for label, values in (
+        (f"layer-wise decorrelation ({obj.layer_decorrelation})", obj.layer_weights),
+        ("layer-wise invariance", obj.layer_invariance_weights),
+        ("layer-wise variance floor", obj.layer_variance_weights),
+    ):
+        if any(values):
+            parts.append(f"{label} {list(values)} on stages {stages}")
+    return ", ".join(parts)
 
 
 def _model_args(backbone: nn.Module) -> dict:

@@ -106,8 +106,12 @@ def invariance_table(
     families: Sequence[str] = tuple(LEVELS),
     reference: Tensor | None = None,
     batch_size: int = 256,
+    on_cell: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{row: {level: scores}} for images [N,3,R,R] in [0,1].
+
+    `on_cell(name)` is called after each (row, level) cell, `num_cells(families)` in all (for a
+    progress bar; this module prints nothing).
 
     embed: [B,3,R,R] in [0,1] -> [B,F] (normalisation is the caller's); reference [M,F]: the
     features whose statistics standardise both sides (None: raw features). Deterministic: the
@@ -127,7 +131,14 @@ def invariance_table(
             moved = torch.cat([apply_level(images01[i:i + batch_size], level, fill)
                                for i in range(0, len(images01), batch_size)])
             table[row][level.label] = probes.invariance_scores(z, features(moved))
+            if on_cell is not None:
+                on_cell(f"{row}@{level.label}")
     return table
+
+
+def num_cells(families: Sequence[str] = tuple(LEVELS)) -> int:
+    """The number of (row, level) cells `invariance_table` measures for `families`."""
+    return sum(len(LEVELS[family]) for _, family, _ in rows(families))
 
 
 def headline(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:

@@ -7,7 +7,7 @@ covariance spectrum are `lsdr_repr.objectives`' (the trainer logs the same quant
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -149,13 +149,17 @@ def linear_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     max_iter: int = 200,
+    on_fit: Callable[[str], None] | None = None,
 ) -> LinearProbeResult:
     """Linear probe on frozen features: train [N,F]/[N], test [M,F]/[M] -> top-1/top-5 on test.
 
     Features are standardised with train statistics; the weight decay is chosen on a seeded
     held-out `val_fraction` of train (per class, so every class is in both parts), then the probe
     is refitted on all of train with it. Reproducible: no randomness beyond the seeded split.
+    `on_fit(what)` is called after each L-BFGS fit (one per weight decay, then the refit), for a
+    progress bar: `linear_probe_fits(weight_decays)` of them in all.
     """
+    on_fit = on_fit or (lambda what: None)
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_x, test_x = standardize(train_x.float(), test_x.float())
@@ -170,12 +174,19 @@ def linear_probe(
             w, b = fit_logistic(fx, train_y[fit_idx], num_classes, wd, max_iter)
             acc = topk_accuracy(vx @ w + b, train_y[val_idx], ks=(1,))["top1"]
             val_top1[f"{wd:g}"] = acc
+            on_fit(f"wd {wd:g}")
             if acc > best_acc:
                 best_wd, best_acc = wd, acc
     w, b = fit_logistic(train_x, train_y, num_classes, best_wd, max_iter)
+    on_fit("refit")
     test = topk_accuracy(test_x @ w + b, test_y)
     train_acc = topk_accuracy(train_x @ w + b, train_y, ks=(1,))["top1"]
     return LinearProbeResult(test["top1"], test["top5"], best_wd, train_acc, val_top1)
+
+
+def linear_probe_fits(weight_decays: Sequence[float], has_val: bool = True) -> int:
+    """How many L-BFGS fits `linear_probe` runs (its `on_fit` calls)."""
+    return (len(weight_decays) if has_val and len(weight_decays) > 1 else 0) + 1
 
 
 def _stratified_split(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -299,6 +300,12 @@ class RunStatus:
     metrics_time: float | None = None
     checkpoints: list[str] = field(default_factory=list)
     tasks: list[RunStatus] = field(default_factory=list)  # array tasks (RUN_DIR/task-i)
+    loss: float | None = None
+    eta_s: float | None = None  # from the step rate of the latest attempt; None when unknown
+    knn: dict[str, float] = field(default_factory=dict)  # latest online kNN scores
+    knn_step: int | None = None
+    rankme: float | None = None  # of the projector output, at the latest training record
+    wandb_sync: str | None = None  # the command that uploads every offline piece of the run
 
     @property
     def finished(self) -> bool:
@@ -350,21 +357,68 @@ def run_status(run_dir: str | Path, *, query_slurm: bool = True) -> RunStatus:
 
 
 def _progress(run_dir: Path, jobs: list[JobInfo]) -> RunStatus:
+    from lsdr_repr.tracking import wandb_sync_command
+
     status = RunStatus(run_dir=run_dir, jobs=jobs)
-    record = _last_metrics(run_dir / METRICS_FILE)
-    if record:
-        status.step = int(record.get("step", 0))
-        status.metrics_time = record.get("time")
-        value = (record.get("metrics") or {}).get("samples_per_s")
-        status.samples_per_s = float(value) if isinstance(value, (int, float)) else None
     cfg_path = run_dir / CONFIG_FILE
     if cfg_path.is_file():
         try:
             status.total_steps = load_config(cfg_path).train.total_steps
         except ConfigError:  # a hand-edited config must not break the status line
             status.total_steps = None
+    _read_progress(status, _metrics_records(run_dir / METRICS_FILE))
     status.checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    status.wandb_sync = wandb_sync_command(run_dir)
     return status
+
+
+def _read_progress(status: RunStatus, records: list[dict]) -> None:
+    """Fill the progress fields from metrics.jsonl's records. The file mixes training records
+    (loss, samples_per_s every log_every steps) with kNN records and summaries, so each field
+    comes from the newest record that has it, not from the last line."""
+    if not records:
+        return
+    last = records[-1]
+    status.step, status.metrics_time = int(last.get("step", 0)), last.get("time")
+    train_records = [r for r in records if _number(r["metrics"].get("samples_per_s")) is not None]
+    for record in reversed(records):
+        knn = {k.removeprefix("knn/"): v for k, v in record["metrics"].items()
+               if k.startswith("knn/") and _number(v) is not None}
+        if knn:
+            status.knn, status.knn_step = knn, int(record["step"])
+            break
+    if not train_records:
+        return
+    newest = train_records[-1]["metrics"]
+    status.samples_per_s = _number(newest.get("samples_per_s"))
+    status.loss = _number(newest.get("loss/total", newest.get("loss")))
+    status.rankme = _number(newest.get("diag/rankme"))
+    status.eta_s = _eta_seconds(train_records, status.total_steps)
+
+
+def _eta_seconds(train_records: list[dict], total_steps: int | None) -> float | None:
+    """Seconds left at the step rate of the latest attempt (wall time, so evaluation pauses
+    count). The window stops where the steps go back (a resume repeats the steps after its
+    checkpoint) and spans the last 20 records at most, so the rate is the current one."""
+    if not total_steps:
+        return None
+    window = [train_records[-1]]
+    for record in reversed(train_records[:-1]):
+        if len(window) >= 20 or not (record["step"] < window[-1]["step"]
+                                     and record.get("time", 0) < window[-1].get("time", 0)):
+            break
+        window.append(record)
+    newest, oldest = window[0], window[-1]
+    if newest["step"] >= total_steps:
+        return 0.0
+    steps, seconds = newest["step"] - oldest["step"], newest["time"] - oldest["time"]
+    if steps <= 0 or seconds <= 0:
+        return None
+    return (total_steps - newest["step"]) * seconds / steps
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def format_status(status: RunStatus) -> str:
@@ -395,12 +449,30 @@ def _progress_line(s: RunStatus) -> str:
     else:
         total = f"/{s.total_steps}" if s.total_steps else ""
         progress = f"step {s.step}{total}"
+        if s.loss is not None:
+            progress += f", loss {s.loss:.4g}"
         if s.samples_per_s is not None:
             progress += f", {s.samples_per_s:.1f} samples/s"
+        if s.eta_s is not None:
+            progress += ", done" if s.eta_s == 0 else f", eta {_duration(s.eta_s)}"
         if s.metrics_time:
             progress += f", logged {max(0, int(time.time() - s.metrics_time))} s ago"
+    parts = [progress]
+    if s.knn:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in sorted(s.knn.items()))
+        parts.append(f"kNN at step {s.knn_step}: {scores}")
+    if s.rankme is not None:
+        parts.append(f"RankMe {s.rankme:.1f}")
     ckpts = ", ".join(s.checkpoints) if s.checkpoints else "none"
-    return f"{progress}; checkpoints: {ckpts}"
+    parts.append(f"checkpoints: {ckpts}")
+    line = "; ".join(parts)
+    if s.wandb_sync:
+        line += f"\nW&B upload: {s.wandb_sync}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def watch(
@@ -433,7 +505,7 @@ def add_cli_commands(sub, add) -> None:
     p = add(sub, "submit", "Submit a training run to SLURM (renders RUN_DIR/train.sbatch).",
             "lsdr submit configs/resnet50_imagenet.yaml optim.lr=0.3 --nodes 4 --gpus-per-node 8 "
             "--partition gpu --time 48:00:00")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int, help="0: CPU-only job (gloo), see --tasks-per-node")
@@ -457,9 +529,10 @@ def add_cli_commands(sub, add) -> None:
     # argparse parser refuses once the overrides' positional has been consumed.
     p.__class__ = _IntermixedParser
 
-    p = add(sub, "status", "Show a run's SLURM jobs, last step, throughput and checkpoints.",
+    p = add(sub, "status", "Show a run's SLURM jobs, step/total, loss, throughput, ETA, last kNN and RankMe, "
+            "checkpoints and the W&B upload command.",
             "lsdr status runs/resnet50")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory (train.run_dir)")
     p.add_argument("--watch", action="store_true", help="poll until the jobs finish")
     p.add_argument("--interval", type=float, default=10.0)
     p.set_defaults(handler=_cmd_status)
@@ -642,23 +715,34 @@ def _task_index(path: Path) -> int:
     return int(tail) if tail.isdigit() else 1 << 30
 
 
-def _last_metrics(path: Path) -> dict | None:
-    """The last complete JSON line of metrics.jsonl, reading only the file's tail."""
+# metrics.jsonl grows by a line per log_every steps (about 1 MB per 10,000 lines): the tail read
+# holds thousands of records, enough for the newest kNN, loss and the rate over the last ones.
+_METRICS_TAIL_BYTES = 4 << 20
+
+
+def _metrics_records(path: Path) -> list[dict]:
+    """The complete records of metrics.jsonl (its last 4 MB), oldest first; torn lines skipped."""
     if not path.is_file():
-        return None
+        return []
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         size = f.tell()
-        f.seek(max(0, size - 65536))
-        tail = f.read().decode("utf-8", errors="replace")
-    for line in reversed(tail.splitlines()):
+        start = max(0, size - _METRICS_TAIL_BYTES)
+        f.seek(start)
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    if start:
+        lines = lines[1:]  # the first line read is a partial one
+    records = []
+    for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "step" in record:
-            return record
-    return None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and isinstance(record.get("metrics", {}), dict):
+            record.setdefault("metrics", {})
+            records.append(record)
+    return records
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:

@@ -16,6 +16,7 @@ the environment.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -23,10 +24,11 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import string
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +63,20 @@ class Tracker:
         """Scalars for one step (tensors are turned into floats)."""
 
     def log_images(
-        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None,
+        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
     ) -> None:
         """An image grid of `images` [N,3,H,W] (or [N,1,H,W]) with values in [0,1], `nrow`
         images per row (default: a near-square grid; pass the per-view count to get one view
-        per row)."""
+        per row), labelled along the side and the top when labels are given."""
 
-    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
-        """A log-scale plot of covariance eigenvalues [D] (any order, sorted here)."""
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum",
+                     num_samples: int | None = None, rankme: float | None = None) -> None:
+        """A log-scale plot of covariance eigenvalues [D] (any order, sorted here) of a batch of
+        `num_samples`: only the min(D, N - 1) a batch can resolve, the rank marked."""
+
+    def log_plot(self, key: str, image: Any, step: int) -> None:
+        """A rendered plot (uint8 numpy [H,W,3])."""
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """Run-level values (final metrics): into the W&B summary and RUN_DIR/summary.json."""
@@ -110,22 +118,33 @@ class RunTracker(Tracker):
         self._wandb(lambda run: run.log(values, step=step))
 
     def log_images(
-        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None
+        self, key: str, images: torch.Tensor, step: int, nrow: int | None = None,
+        row_labels: list[str] | None = None, col_labels: list[str] | None = None,
     ) -> None:
         if self._run is None:
             return
         import wandb
 
-        grid = image_grid(images, nrow)
+        if row_labels or col_labels:
+            grid = labelled_grid(images, nrow, row_labels, col_labels, title=f"{key}, step {step}")
+        else:
+            grid = image_grid(images, nrow)
         self._wandb(lambda run: run.log({key: wandb.Image(grid, caption=f"step {step}")}, step=step))
 
-    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum") -> None:
+    def log_spectrum(self, eigenvalues: torch.Tensor, step: int, key: str = "spectrum",
+                     num_samples: int | None = None, rankme: float | None = None) -> None:
+        if self._run is None:
+            return
+        plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}",
+                             num_samples=num_samples, rankme=rankme)
+        self.log_plot(key, plot, step)
+
+    def log_plot(self, key: str, image: Any, step: int) -> None:
         if self._run is None:
             return
         import wandb
 
-        plot = spectrum_plot(eigenvalues, title=f"embedding covariance spectrum, step {step}")
-        self._wandb(lambda run: run.log({key: wandb.Image(plot)}, step=step))
+        self._wandb(lambda run: run.log({key: wandb.Image(image)}, step=step))
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         values = {key: _plain(value) for key, value in summary.items()}
@@ -225,6 +244,40 @@ def read_run_log(run_dir: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return records
+
+
+def offline_run_dirs(run_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Every W&B offline directory of the run (RUN_DIR/wandb/offline-run-<time>-<id>[-<n>]),
+    oldest first. W&B opens a new one at each resume, evaluation and demo re-run, all with the
+    same id: the run's history is spread over all of them."""
+    run_dir = Path(run_dir)
+    run_id = run_id or read_run_id(run_dir)
+    if not run_id:
+        return []
+    found = []
+    for path in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*"):
+        # offline-run-<yyyymmdd>_<hhmmss>-<id> or ...-<id>-<n>: nothing else (a longer id)
+        tail = path.name.split("-", 3)[-1] if path.name.count("-") >= 3 else ""
+        if path.is_dir() and not path.is_symlink() and (
+            tail == run_id or (tail.startswith(run_id + "-") and tail[len(run_id) + 1:].isdigit())
+        ):
+            found.append(path)
+    # the timestamp sorts by time; W&B's "-1" suffix (same second) sorts after its base
+    return sorted(found, key=lambda p: (p.name.split("-")[2], len(p.name), p.name))
+
+
+def wandb_sync_command(run_dir: str | Path, run_id: str | None = None) -> str | None:
+    """The shell command that uploads every offline piece of the run, or None (no offline run).
+
+    A glob, not the newest directory: `wandb sync` of the newest piece alone would upload only
+    what the last process logged (after a demo re-run: the evaluation, not the training curves).
+    The shell expands it in time order, which is the order the pieces must be replayed in.
+    """
+    run_dir = Path(run_dir)
+    run_id = run_id or read_run_id(run_dir)
+    if not run_id or not offline_run_dirs(run_dir, run_id):
+        return None
+    return f"wandb sync {shlex.quote(str(run_dir / 'wandb'))}/offline-run-*-{shlex.quote(run_id)}*"
 
 
 # -------------------------------------------------------------------------------- the factory
@@ -339,37 +392,120 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> Any:
     return (grid.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
 
 
-def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum") -> Any:
+def resolvable_spectrum(eigenvalues: torch.Tensor, num_samples: int | None = None
+                        ) -> tuple[Any, int]:
+    """(the min(D, N - 1) largest eigenvalues, descending, as float64 numpy; the numerical
+    rank: how many exceed 1e-6 of the largest). N = `num_samples` (None: keep all D)."""
+    values = eigenvalues.detach().double().cpu().flatten()
+    values = torch.sort(values, descending=True).values.numpy()
+    keep = values.size if num_samples is None else max(1, min(values.size, num_samples - 1))
+    values = values[:keep]
+    top = float(values[0]) if values.size and math.isfinite(values[0]) else 0.0
+    rank = int((values > 1e-6 * top).sum()) if top > 0 else 0
+    return values, rank
+
+
+def spectrum_plot(eigenvalues: torch.Tensor, title: str = "covariance spectrum",
+                  num_samples: int | None = None, rankme: float | None = None) -> Any:
     """eigenvalues [D] -> RGB uint8 numpy image [H,W,3] of the sorted spectrum on a log scale.
 
-    Uses the Agg canvas directly (no pyplot): no global figure state, no display needed.
+    A batch of N embeddings has a centred covariance of rank at most N - 1: the eigenvalues past
+    it are rounding noise (1e-30 and below), which on a log axis looks like a collapse. Only
+    the min(D, N - 1) resolvable ones are drawn (all of them when `num_samples` is None); the
+    numerical rank (eigenvalues above 1e-6 of the largest) is marked, and RankMe, when given,
+    goes in the title. Uses the Agg canvas directly (no pyplot): no global figure state.
     """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = eigenvalues.detach().float().cpu().flatten()
-    values = torch.sort(values, descending=True).values.numpy()
-    positive = values[values > 0]
-    # Eigenvalues <= 0 (numerical noise of a rank-deficient covariance) cannot sit on a log axis;
-    # they are drawn at the floor so the collapse stays visible.
-    floor = positive.min() * 1e-3 if positive.size else 1e-12
-    shown = np.maximum(values, floor)
-    fig = Figure(figsize=(5, 3.5), dpi=100)
+    total = eigenvalues.numel()
+    values, rank = resolvable_spectrum(eigenvalues, num_samples)
+    resolvable = values.size
+    top = values[0] if values.size and np.isfinite(values[0]) else 0.0
+    floor = top * 1e-7 if top > 0 else 1e-12
+    shown = np.maximum(np.nan_to_num(values, nan=floor), floor)
+    fig = Figure(figsize=(5.5, 3.8), dpi=100)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(np.arange(1, shown.size + 1), shown, linewidth=1.5)
+    ax.plot(np.arange(1, shown.size + 1), shown, linewidth=1.5, label="eigenvalue")
+    if 0 < rank < shown.size:
+        ax.axvline(rank, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"numerical rank {rank}")
     ax.set_yscale("log")
-    ax.set_xlabel("rank")
+    ax.set_xlabel("index (descending)")
     ax.set_ylabel("eigenvalue")
-    ax.set_title(title, fontsize=10)
+    if resolvable < total:
+        ax.text(0.98, 0.97, f"{resolvable} of {total} shown: a batch of {num_samples}\n"
+                f"resolves at most {num_samples - 1}", transform=ax.transAxes, ha="right",
+                va="top", fontsize=8, color="0.3")
+    heading = title if rankme is None else f"{title}\nRankMe {rankme:.1f} of {total} dims"
+    ax.set_title(heading, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def labelled_grid(images: torch.Tensor, nrow: int | None, row_labels: list[str] | None,
+                  col_labels: list[str] | None, title: str = "") -> Any:
+    """`image_grid` with a label per row (e.g. "view 1") and per column (e.g. "image 3")."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = image_grid(images, nrow)
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows_ = math.ceil(n / cols)
+    pad = 2  # make_grid's padding
+    scale = max(1.0, 48.0 / max(h, w))  # tiny crops drawn large enough to see
+    fig = Figure(figsize=(1.2 + cols * w * scale / 60, 0.9 + rows_ * h * scale / 60), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([pad + c * (w + pad) + w / 2 for c in range(cols)])
+    ax.set_xticklabels(col_labels or [""] * cols, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(rows_)])
+    ax.set_yticklabels(row_labels or [""] * rows_, fontsize=8)
+    ax.tick_params(length=0)
+    if title:
+        ax.set_xlabel(title, fontsize=8)
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # ---------------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def progress_bar(total: int | None, desc: str, unit: str = "it",
+                 enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar on stderr for one long pass (feature extraction, probes, invariance,
+    fine-tuning), with log lines printed above it instead of glued onto it. `enabled=False`
+    gives a bar that draws nothing, so callers update it unconditionally."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+               mininterval=0.5)  # the finished bar stays: what ran, how many, how fast
+    try:
+        with _logs_above_bars(enabled):
+            yield bar
+    finally:
+        bar.close()
+
+
+def _logs_above_bars(enabled: bool) -> contextlib.AbstractContextManager:
+    """tqdm's logging redirection: the console handlers write through `tqdm.write`, which
+    clears the bar, prints the line and redraws the bar below it."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 class Progress:
     """Rank 0's progress: a tqdm bar on a terminal, periodic log lines otherwise (SLURM logs).
 
@@ -401,11 +537,15 @@ class Progress:
         self._last_line_step: int | None = None
         self._last_metrics: Mapping[str, Any] = {}
         self._bar = None
+        self._redirect: contextlib.AbstractContextManager | None = None
         if enabled and self.is_tty:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
                              dynamic_ncols=True, smoothing=0.05)
+            # Log lines during training (kNN, checkpoints, warnings) go above the bar.
+            self._redirect = _logs_above_bars(True)
+            self._redirect.__enter__()
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         if not self.enabled:
@@ -438,6 +578,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+            if self._redirect is not None:
+                self._redirect.__exit__(None, None, None)
+                self._redirect = None
         elif self._first is not None and self._last_line_step != self._step:
             metrics = self._last_metrics
             self._log_line(self._step, _pick(metrics, self.loss_key),

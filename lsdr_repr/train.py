@@ -96,6 +96,7 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
     device = dist.init_distributed(env, resolve_device_type(cfg.train.device))
     try:
         with _lock_run_dir(cfg.train.run_dir, env.rank):
+            cfg = _shards_from_image_folder(cfg, env.rank)
             return Trainer(cfg, env, device, preempt=preempt).run()
     except OSError as exc:
         # A full disk or a vanished mount outside the checkpoint writer (config.yaml, the W&B id
@@ -105,6 +106,32 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
                         "intact; run again to resume)") from exc
     finally:
         dist.cleanup()
+
+
+IMAGE_FOLDER_SHARDS = "shards/train"  # under RUN_DIR: where an ImageFolder source is written
+
+
+def _shards_from_image_folder(cfg: Config, rank: int) -> Config:
+    """`data.train_shards` naming a local ImageFolder: its shards are written once to
+    RUN_DIR/shards/train (rank 0, with a progress bar; the other ranks wait at a barrier) and
+    the run streams those. The config from here on (config.yaml, checkpoints) names the shards,
+    so a resume with the same command line finds the same config."""
+    from data_pipelines.writer import is_image_folder, shards_for_image_folder
+
+    spec = cfg.data.train_shards
+    if not spec or "::" in spec or not is_image_folder(spec):
+        return cfg
+    out = Path(cfg.train.run_dir) / IMAGE_FOLDER_SHARDS
+    if rank == 0:
+        if not (out / "manifest.json").is_file():
+            log.info("data.train_shards=%s is an image folder: writing it to shards in %s, once "
+                     "(later starts of this run stream them)", spec, out)
+        _, written = shards_for_image_folder(spec, out, progress=cfg.log.progress)
+        if not written:
+            log.info("data.train_shards=%s: streaming the shards written from it in %s", spec, out)
+    if dist.is_distributed():
+        dist.barrier()
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_shards=str(out)))
 
 
 @contextlib.contextmanager
@@ -554,10 +581,18 @@ class Trainer:
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train
         if cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
-            grid = torch.cat([self.augment.denormalize(v[:8].float()) for v in views[:2]])
-            self.tracker.log_images("augmented_views", grid.cpu(), self.step, nrow=8)
+            shown = [v[:8] for v in views[:2]]
+            grid = torch.cat([self.augment.denormalize(v.float()) for v in shown])
+            # one row per view, one column per image: the same image's views stacked
+            self.tracker.log_images(
+                "augmented_views", grid.cpu(), self.step, nrow=len(shown[0]),
+                row_labels=[f"view {i + 1}" for i in range(len(shown))],
+                col_labels=[f"image {j + 1}" for j in range(len(shown[0]))])
         if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
-            self.tracker.log_spectrum(covariance_spectrum(self._last_projection).cpu(), self.step)
+            z = self._last_projection
+            self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
+                                      num_samples=z.shape[0],  # this rank's batch
+                                      rankme=embedding_diagnostics(z)["rankme"])
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:

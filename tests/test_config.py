@@ -81,6 +81,11 @@ def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
         ({}, ["train.compile=yes please"], r"train\.compile: expected bool"),
         ({}, ["optim"], r"override 'optim' is not of the form key=value"),
         ({"data": 3}, [], r"data: expected a mapping"),
+        ({"optim": {"lrr": 0.1}}, [], r"unknown key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"),
+        ({}, ["data.batchsize=64"], r"did you mean 'data\.batch_size'\?"),
+        ({}, ["data.image_size=32", "augment.crop_size=64"],
+         (r"run\.yaml: data\.image_size=32 is smaller than augment\.crop_size=64; .*"
+         r"augment\.upscale=true")),
     ],
 )
 def test_bad_values_name_the_key_and_the_file(tmp_path, data, overrides, message):
@@ -88,6 +93,16 @@ def test_bad_values_name_the_key_and_the_file(tmp_path, data, overrides, message
     with pytest.raises(ConfigError, match=message) as info:
         load_config(path, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_upscaling_views_is_allowed_when_asked_for(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["data.image_size=32", "augment.crop_size=64",
+                                            "augment.upscale=true"])
+    assert (cfg.data.image_size, cfg.augment.crop_size) == (32, 64)
+    # no close name: no guess
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, {}), ["data.zzzz=1"])
+    assert "did you mean" not in str(info.value)
 
 
 def test_missing_required_values(tmp_path):
@@ -160,3 +175,27 @@ def test_a_batch_below_two_names_the_key_and_the_file(tmp_path, size):
     path.write_text("data:\n  batch_size: 8\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.batch_size: must be at least 2"):
         load_config(path, [f"data.batch_size={size}"])
+
+
+def test_every_positional_argument_has_help_text():
+    """`lsdr X --help` explains CONFIG, OVERRIDES, RUN_DIR ... not only the flags."""
+    import argparse
+
+    from lsdr_repr.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    if not sub_name.startswith("_"):  # internal commands, not in --help
+                        yield from walk(sub, f"{name} {sub_name}")
+            elif not action.option_strings:
+                yield name, action
+
+    positionals = list(walk(build_parser(), "lsdr"))
+    assert {(n, a.dest) for n, a in positionals} >= {("lsdr train", "config"),
+                                                     ("lsdr train", "overrides"),
+                                                     ("lsdr demo", "run_dir"),
+                                                     ("lsdr status", "run_dir")}
+    missing = [f"{n} {a.dest}" for n, a in positionals if not a.help]
+    assert not missing

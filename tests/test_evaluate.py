@@ -206,12 +206,23 @@ def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
         evaluate.online_knn(trained.backbone, data["unlabelled"], 32, trained.mean, trained.std,
                             num_workers=0)
     code = main(["eval", "knn", str(run), "--train", str(data["unlabelled"]), "--val",
-                 str(data["val"]), "--workers", "0"])
+                 str(data["val"]), "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unlabelled" in err
+    # with the bars on, the error is still one line of its own after the finished bar
+    code = main(["eval", "knn", str(run), "--train", str(data["unlabelled"]), "--val",
+                 str(data["val"]), "--workers", "0"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert code == 2 and last.startswith("lsdr: error: ") and "unlabelled" in last
 
 
-def test_finetune_trains_a_new_head(data, run):
+def final_bars(err: str) -> dict[str, str]:
+    """The last frame of each tqdm bar in captured stderr, by its description."""
+    frames = [f.strip() for f in err.replace("\r", "\n").splitlines() if "|" in f]
+    return {f.split(":", 1)[0]: f for f in frames}
+
+
+def test_finetune_trains_a_new_head(data, run, capsys):
     assert main(["eval", "finetune", str(run), "--train", str(data["train"]), "--val",
                  str(data["val"]), "--epochs", "6", "--batch-size", "16", "--workers", "0",
                  "--lr", "0.1"]) == 0
@@ -219,6 +230,31 @@ def test_finetune_trains_a_new_head(data, run):
     assert res["details"]["steps"] == 18 and res["details"]["num_classes"] == 4
     # The new head and the backbone learn the colour classes (chance: 0.25).
     assert res["metrics"]["top1"] >= 0.9
+    # progress on stderr: every step (with its loss), then the 24 val images
+    bars = final_bars(capsys.readouterr().err)
+    assert "100%" in bars["fine-tuning 6 epochs"] and "18/18" in bars["fine-tuning 6 epochs"]
+    assert "loss=" in bars["fine-tuning 6 epochs"]
+    assert "24/24" in bars[f"fine-tuned top-1 on {data['val']}"]
+
+
+def test_linear_and_invariance_show_progress_bars(data, run, capsys):
+    common = ["--workers", "0", "--out", str(run / "bars")]
+    assert main(["eval", "linear", str(run), "--train", str(data["train"]), "--val",
+                 str(data["val"]), "--weight-decays", "1e-4,1e-2", *common]) == 0
+    bars = final_bars(capsys.readouterr().err)
+    # the train split (48 images, its total from the manifest), the val split, 2 + 1 fits
+    assert "48/48" in bars[f"features of {data['train']}"]
+    assert "24/24" in bars[f"features of {data['val']}"]
+    assert "3/3" in bars["linear probe (L-BFGS fits)"]
+    assert main(["eval", "invariance", str(run), "--data", str(data["val"]), "--families",
+                 "rotate", "--reference", "none", "--max-images", "8", *common]) == 0
+    bars = final_bars(capsys.readouterr().err)
+    cells = invariance.num_cells(("rotate",))
+    assert f"{cells}/{cells}" in bars["invariance of 8 images"]
+    # --no-progress: nothing on stderr but the log (no bar frames)
+    assert main(["eval", "linear", str(run), "--train", str(data["train"]), "--val",
+                 str(data["val"]), "--no-progress", *common]) == 0
+    assert not final_bars(capsys.readouterr().err)
 
 
 def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):
@@ -283,9 +319,23 @@ def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(dat
     assert again == table
 
 
-def test_demo_report_compares_trained_and_random_init(data, run):
+def test_demo_report_compares_trained_and_random_init(data, tmp_path):
+    from PIL import Image
+
+    from tests.wandb_history import read_wandb_history
+
+    ckpt, _ = make_run(tmp_path / "run", "resnet10t", {}, crop=32, wandb_run_id="demorun1",
+                       log={"wandb": {"mode": "offline", "project": "lsdr-test"}})
+    run = ckpt.parent.parent
     report = evaluate.demo_report(run, str(data["train"]), str(data["val"]), device="cpu",
                                   max_invariance_images=16)
+    # the invariance plot: a PNG in RUN_DIR/eval, named in the report, and in the W&B run
+    png = run / "eval" / "demo_invariance.png"
+    assert report["invariance_plot"] == str(png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] > 2 * image.size[1] > 500  # two panels
+    assert any(r.get("eval/demo/invariance", {}).get("_type") == "image-file"
+               for r in read_wandb_history(run))
     assert set(report["linear"]) == {"trained", "random_init"}
     for m in report["linear"].values():
         assert 0.0 <= m["top1"] <= 1.0
@@ -294,6 +344,13 @@ def test_demo_report_compares_trained_and_random_init(data, run):
     assert saved["metrics"]["linear_top1_trained"] == report["linear"]["trained"]["top1"]
     text = evaluate.format_report(report)
     assert "random_init" in text and "zoom_out/zeros" in text and "step-00000007.pt" in text
+    assert f"invariance plot (retrieval against strength): {png}" in text
+    # the data's four colour classes: the demo prints the timm line with the real count
+    assert report["num_classes"] == 4
+    from lsdr_repr.cli import load_snippet
+
+    assert load_snippet("runs/demo/export", report["num_classes"]).endswith(
+        'pretrained=True, num_classes=4)')
 
 
 def test_results_are_logged_to_the_runs_wandb_run(data, tmp_path):

@@ -4,10 +4,12 @@ TorchScript, reloaded (timm in a fresh process) and compared with the in-memory 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,24 @@ def test_timm_export_round_trip_in_a_fresh_process(runs, timm_exports, trainer_r
     expect["trainer"] = {"features": 512, "mean": list(IMAGENET_MEAN), "head": "fc"}
     assert json.loads((timm_exports["vit"][0] / "config.json").read_text())[
         "model_args"]["img_size"] == [32, 32]
+    # Every file of the export readable by others (the umask's mode), the weights included:
+    # safetensors alone would leave model.safetensors 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ("config.json", "model.safetensors", "README.md"), 0o666 & ~umask)
+    # The model card names every weight of the demo objective, the layer-wise ones included.
+    card = (out / "README.md").read_text()
+    objective = trained.config.objective
+    for text in (f"invariance {objective.invariance_weight}",
+                 f"variance {objective.variance_weight} (gamma {objective.gamma})",
+                 f"decorrelation {objective.decorrelation_weight}",
+                 (f"layer-wise decorrelation ({objective.layer_decorrelation}) "
+                 f"{objective.layer_weights}"),
+                 f"layer-wise invariance {objective.layer_invariance_weights}",
+                 f"layer-wise variance floor {objective.layer_variance_weights}",
+                 f"on stages {trained.config.model.stages}"):
+        assert text in card, text
 
     # A fresh interpreter: only timm, torch and the exported files (no lsdr_repr import).
     script = textwrap.dedent("""
@@ -227,30 +247,50 @@ def test_hf_format_has_hub_metadata_and_model_card(runs, timm_exports, tmp_path)
     assert not (plain / "README.md").read_text().startswith("---")
 
 
-def test_onnx_export_matches_with_onnxruntime(runs, tmp_path):
+def test_onnx_export_matches_with_onnxruntime(runs, tmp_path, caplog, capfd):
     import onnxruntime as ort
 
     ckpt, backbone = runs["resnet"]
     out = tmp_path / "onnx"
-    result = export.export_backbone(ckpt, out, "onnx")
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        result = export.export_backbone(ckpt, out, "onnx")
+    # the exporters' chatter (onnxscript / onnx_ir passes, "[torch.onnx] ..." steps) is silenced
+    noisy = [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))]
+    assert not noisy, [r.getMessage() for r in noisy]
+    printed = capfd.readouterr()
+    assert "[torch.onnx]" not in printed.out + printed.err
     assert "model.onnx" in result.files and result.max_abs_diff["onnxruntime"] < 1e-4
+    assert result.max_abs_diff["onnxruntime 48px"] < 1e-4  # checked at a second size too
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "images"
-    x = _probe_input(batch=5)  # a batch size the export never saw: the batch axis is dynamic
-    got = session.run(None, {"images": x.numpy()})[0]
-    with torch.no_grad():
-        ref = backbone(x)
-    assert got.shape == (5, backbone.num_features)
-    assert float((torch.from_numpy(got) - ref).abs().max()) < 1e-4
+    # trained at 32 px: a batch size and input sides the export never saw (96 px, as from the
+    # demo's 64 px), also non-square: batch, height and width are all dynamic
+    for batch, height, width in ((5, 32, 32), (2, 96, 96), (1, 40, 56)):
+        x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
+        got = session.run(None, {"images": x.numpy()})[0]
+        with torch.no_grad():
+            ref = backbone(x)
+        assert got.shape == (batch, backbone.num_features)
+        assert float((torch.from_numpy(got) - ref).abs().max()) < 1e-4, (height, width)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 @pytest.mark.parametrize("key", ["resnet", "vit"])
 def test_torchscript_export_matches(runs, tmp_path, key):
     ckpt, backbone = runs[key]
     out = tmp_path / f"ts-{key}"
     export.export_backbone(ckpt, out, "torchscript")
-    loaded = torch.jit.load(str(out / "model.pt"))
+    # The model card's loading lines run as written, with warnings made errors: no
+    # deprecation warning reaches the user who copies them.
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"model.pt"',
+                                                                          repr(str(out / "model.pt")))
+    snippet = snippet.split("emb = ")[0]
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(snippet, scope)  # noqa: S102 - the card's own code, the thing under test
+    loaded = scope["model"]
     x = _probe_input(batch=3)
     with torch.no_grad():
         assert float((loaded(x) - backbone(x)).abs().max()) < 1e-4
@@ -309,3 +349,30 @@ def test_export_dir_is_a_source_for_evaluation(runs, timm_exports):
     x = _probe_input()
     with torch.no_grad():
         assert torch.allclose(loaded.backbone(x), backbone(x), atol=1e-5)
+
+
+def test_eval_on_an_export_checks_out_and_val_before_any_work(timm_exports, tmp_path, capsys):
+    """An export folder has no run directory: a missing --out, or a --val that is not there, is
+    one line and exit 2 before the model is loaded. The proof: weights made unloadable, whose
+    error would come first if the model were loaded before the arguments were checked."""
+    import shutil
+
+    broken = tmp_path / "broken-export"
+    shutil.copytree(timm_exports["resnet"][0], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    data = tmp_path / "images" / "class0"
+    data.mkdir(parents=True)
+    cases = [
+        (["eval", "knn", str(broken), "--train", str(data.parent), "--val", str(data.parent)],
+         "give a results folder with --out"),
+        (["eval", "linear", str(broken), "--out", str(tmp_path / "res"), "--train",
+          str(data.parent), "--val", str(tmp_path / "nope")],
+         f"--val {tmp_path / 'nope'}: no such file or directory"),
+        (["eval", "invariance", str(broken), "--out", str(tmp_path / "res"), "--data",
+          f"{data.parent}::{tmp_path / 'gone'}"], f"--data {tmp_path / 'gone'}: no such file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "res").exists()  # nothing computed, no results folder made

@@ -238,7 +238,36 @@ def test_status_reads_jobs_metrics_and_checkpoints(tmp_path, monkeypatch):
     assert status.checkpoints == ["step-00000100.pt", "step-00000200.pt"]
     assert [t.run_dir.name for t in status.tasks] == ["task-1"]
     text = sub.format_status(status)
-    assert "job 41: UNKNOWN" in text and "step 240/1000, 290.0 samples/s" in text
+    assert "job 41: UNKNOWN" in text and "step 240/1000, loss 1, 290.0 samples/s" in text
     assert "checkpoints: step-00000100.pt, step-00000200.pt" in text
     with pytest.raises(SubmitError, match="no such run directory"):
         sub.run_status(tmp_path / "missing")
+
+
+def test_status_takes_each_field_from_the_newest_record_that_has_it(tmp_path, monkeypatch):
+    """metrics.jsonl ends with a kNN record and holds a resume (steps repeated after the
+    checkpoint): loss, throughput and RankMe come from the last training record, the kNN from
+    the last kNN record, the ETA from the step rate since the resume only."""
+    run = tmp_path / "run"
+    run.mkdir()
+    train = [(20, 1000.0, 2.0), (40, 1010.0, 1.8), (60, 1020.0, 1.6),  # 2 steps/s, then killed
+             (40, 5000.0, 1.8), (60, 5040.0, 1.5), (80, 5080.0, 1.25)]  # resumed: 0.5 steps/s
+    records = [{"step": s, "time": t, "metrics": {"loss/total": loss, "samples_per_s": 64.0,
+                                                   "diag/rankme": 12.34}} for s, t, loss in train]
+    records.insert(2, {"step": 40, "time": 1010.5, "metrics": {"knn/top1": 0.25}})
+    records.append({"step": 80, "time": 5085.0, "metrics": {"knn/top1": 0.5, "knn/top5": 0.75}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = load_config(_config(tmp_path), [f"train.run_dir={run}", "train.total_steps=1000"])
+    from lsdr_repr.config import dump_config
+
+    dump_config(cfg, run / "config.yaml")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    status = sub.run_status(run)
+    assert (status.step, status.loss, status.samples_per_s, status.rankme) == (80, 1.25, 64.0,
+                                                                                12.34)
+    assert status.knn == {"top1": 0.5, "top5": 0.75} and status.knn_step == 80
+    assert status.eta_s == pytest.approx((1000 - 80) / 0.5)
+    text = sub.format_status(status)
+    assert "step 80/1000, loss 1.25, 64.0 samples/s, eta 0:30:40" in text
+    assert "kNN at step 80: top1 0.500, top5 0.750; RankMe 12.3" in text
+    assert "jobs: none recorded" in text and "W&B upload" not in text  # no offline run here

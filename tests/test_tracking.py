@@ -199,8 +199,39 @@ def test_image_grid_and_spectrum_plot_render_arrays():
     with pytest.raises(ValueError, match=r"\[N,3,H,W\]"):
         image_grid(torch.rand(3, 10, 10))
     plot = spectrum_plot(torch.logspace(0, -6, 64))
-    assert plot.shape == (350, 500, 3) and plot.std() > 0
-    assert spectrum_plot(torch.zeros(8)).shape == (350, 500, 3)  # full collapse still renders
+    assert plot.shape == (380, 550, 3) and plot.std() > 0
+    assert spectrum_plot(torch.zeros(8)).shape == (380, 550, 3)  # full collapse still renders
+
+
+def test_spectrum_shows_what_the_batch_resolves_and_marks_the_rank():
+    from lsdr_repr.objectives import covariance_spectrum
+    from lsdr_repr.tracking import resolvable_spectrum
+
+    gen = torch.Generator().manual_seed(0)
+    # 16 embeddings of 64 dims spanning 4 directions: the centred covariance has rank 4, and
+    # 64 - 15 of its eigenvalues are zero whatever the network (a batch of 16 resolves 15)
+    z = torch.randn(16, 4, generator=gen) @ torch.randn(4, 64, generator=gen)
+    eig = covariance_spectrum(z)
+    assert float(eig[20:].abs().max()) < 1e-20 * float(eig[0])  # what read as collapse
+    values, rank = resolvable_spectrum(eig, num_samples=16)
+    assert len(values) == 15 and rank == 4
+    values, rank = resolvable_spectrum(torch.randn(16, 64, generator=gen).pow(2).sum(0), None)
+    assert len(values) == 64 and rank == 64  # no batch size given: all of them
+    def red(plot):  # the rank line is the only red in the plot (tab:red, dashed)
+        return int(((plot[..., 0] > 180) & (plot[..., 1] < 80) & (plot[..., 2] < 80)).sum())
+
+    marked = spectrum_plot(eig, "spectrum", num_samples=16, rankme=3.9)
+    full_rank = spectrum_plot(torch.logspace(0, -2, 15), "spectrum", num_samples=16)
+    assert red(marked) > 50 and red(full_rank) == 0
+
+
+def test_labelled_view_grid_is_larger_than_the_bare_grid():
+    from lsdr_repr.tracking import labelled_grid
+
+    images = torch.rand(16, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    bare = image_grid(images, nrow=8)
+    labelled = labelled_grid(images, 8, ["view 1", "view 2"], [f"image {j}" for j in range(8)])
+    assert labelled.ndim == 3 and labelled.shape[0] > bare.shape[0] and labelled.shape[1] > bare.shape[1]
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -242,6 +273,29 @@ def test_progress_on_a_tty_draws_a_tqdm_bar(capsys):
     progress.close()
     err = capsys.readouterr().err
     assert "10/50" in err and "loss=0.5" in err and "samples/s=64.0" in err
+
+
+def test_log_lines_during_the_training_bar_are_not_glued_onto_it(capsys):
+    """A console handler on stderr (as `lsdr`'s basicConfig installs) writing while the bar is
+    drawn: the line must stand alone, not follow the bar's last frame on the same line."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr, like a terminal's
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.addHandler(handler)
+    try:
+        progress = Progress(50, enabled=True, is_tty=True)
+        progress.update(10, {"loss": 0.5})
+        logging.getLogger("lsdr_repr.train").warning("step 10: online kNN top1 0.500")
+        progress.update(20, {"loss": 0.25})
+        progress.close()
+        logging.getLogger("lsdr_repr.train").warning("after the bar")
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    segments = [seg for line in err.split("\n") for seg in line.split("\r")]
+    assert "WARNING step 10: online kNN top1 0.500" in segments, err
+    assert "WARNING after the bar" in segments  # the redirection ends with the bar
+    assert "20/50" in err
 
 
 def test_wandb_history_reader_rejects_foreign_and_corrupt_files(tmp_path, no_wandb_env):

@@ -82,7 +82,20 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(find_latest_valid(run_dir))["model"]
 
 
-def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path):
+def sync_dry_run(command: str) -> list[Path]:
+    """The .wandb files a printed `wandb sync ...` command would upload: the real command, run
+    by the shell (which expands its glob) with W&B's own --dry-run, which needs no network."""
+    assert command.startswith("wandb sync ")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", command.replace("wandb sync ", "wandb sync --dry-run ", 1)],
+                          capture_output=True, text=True, env=env, timeout=60, check=True)
+    lines = (done.stdout + done.stderr).splitlines()
+    return [Path(ln.split("wandb:", 1)[1].strip()) for ln in lines
+            if ln.strip().endswith(".wandb")]
+
+
+def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path,
+                                                                      capsys):
     run_dir = tmp_path / "run"
     code = main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)])
     assert code == 0
@@ -107,8 +120,30 @@ def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_sha
     assert json.loads(lines[-1])["step"] == 8
 
     # Running again on a finished run resumes at the end and does nothing more.
+    capsys.readouterr()
     assert main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)]) == 0
     assert checkpoint_steps(run_dir) == [4, 6, 8]
+
+    # That second process opened a second W&B offline directory (same id) holding no training
+    # history: the printed upload command must cover both pieces, oldest first.
+    out = capsys.readouterr().out
+    (sync_line,) = [ln for ln in out.splitlines() if "wandb sync" in ln]
+    assert "all 2 pieces" in sync_line
+    files = sync_dry_run(sync_line[sync_line.index("wandb sync"):])
+    assert len(files) == 2 and files == sorted(files)
+    assert not [r for r in read_wandb_history(files[-1].parent) if "loss/total" in r]
+    pieces = [r for f in files for r in read_wandb_history(f.parent) if "loss/total" in r]
+    assert [r["_step"] for r in pieces] == [2, 4, 6, 8]
+
+    # `lsdr status` reads the whole metrics.jsonl: the loss and RankMe of the last training
+    # record, the run done, the checkpoints and the same upload command.
+    assert main(["status", str(run_dir)]) == 0
+    status = capsys.readouterr().out
+    last = json.loads(lines[-1])["metrics"]
+    assert f"step 8/8, loss {last['loss/total']:.4g}, " in status and ", done" in status
+    assert f"RankMe {last['diag/rankme']:.1f}" in status
+    assert "checkpoints: step-00000004.pt, step-00000006.pt, step-00000008.pt" in status
+    assert "W&B upload: " + sync_line[sync_line.index("wandb sync"):] in status
 
 
 @pytest.mark.slow
@@ -179,3 +214,35 @@ def test_nonfinite_losses_stop_without_overwriting_the_last_good_checkpoint(samp
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     # Resuming the diverged run fails the same way instead of silently training on.
     assert main(["train", str(DEMO), *overrides]) == EXIT_DIVERGED
+
+
+def test_train_from_an_image_folder_writes_shards_once_then_streams_them(image_folder, tmp_path,
+                                                                         capfd, caplog):
+    """`data.train_shards` naming an ImageFolder: shards under RUN_DIR on first use (a line and
+    a progress bar saying so), the run trains on them, and a second start reuses them."""
+    import logging
+
+    run_dir = tmp_path / "run"
+    args = ["train", str(DEMO), f"data.train_shards={image_folder}", f"train.run_dir={run_dir}",
+            *TINY, "train.total_steps=2", "train.log_every=1", "train.image_grid_every=0",
+            "train.spectrum_every=0", "train.eval_every=0", "log.wandb.mode=disabled",
+            "data.num_workers=0", "log.progress=true"]
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    shards = run_dir / "shards" / "train"
+    assert f"data.train_shards={image_folder} is an image folder: writing it to shards in " \
+           f"{shards}" in caplog.text
+    err = capfd.readouterr().err
+    assert f"writing {shards}" in err and "24/24" in err  # the writer's bar, every image
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert sum(s["num_samples"] for s in manifest["shards"]) == 24
+    assert checkpoint_steps(run_dir) == [2]
+    # the run's config names the shards it streamed, so a resume compares like with like
+    assert f"train_shards: {shards}" in (run_dir / "config.yaml").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0  # finished: resumes at the end
+    assert "streaming the shards written from it" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == before
+    assert "resuming with data.train_shards" not in caplog.text  # no config change seen

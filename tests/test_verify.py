@@ -91,8 +91,12 @@ def test_missing_and_truncated_shards_are_reported(shards):
 
 
 def test_missing_or_invalid_manifest_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(DataError, match=r"nowhere/manifest\.json: no shard manifest"):
+    # a directory that is not there is named as such, not as a missing manifest inside it
+    with pytest.raises(DataError, match=r"nowhere: no such directory$"):
         verify_shards(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty/manifest\.json: no shard manifest"):
+        verify_shards(tmp_path / "empty")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(DataError, match=r"bad/manifest\.json: unreadable shard manifest"):
@@ -103,9 +107,16 @@ def test_missing_or_invalid_manifest_is_a_one_line_error(tmp_path, capsys):
         verify_shards(tmp_path / "bad")
     assert lsdr_main(["shards", "verify", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lsdr: error: ") and err.count("\n") == 1
+    assert err == f"lsdr: error: {tmp_path / 'nowhere'}: no such directory\n"
 
 
-def test_cli_verify_ok(shards, capsys):
-    assert lsdr_main(["shards", "verify", str(shards)]) == 0
-    assert "3 shards, 24 good samples, 0 bad: OK" in capsys.readouterr().out
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_verify_ok(shards, capsys, workers):
+    assert lsdr_main(["shards", "verify", str(shards), "--workers", str(workers)]) == 0
+    captured = capsys.readouterr()
+    assert "3 shards, 24 good samples, 0 bad: OK" in captured.out
+    # tqdm's bar on stderr: one tick per shard, the sample counts as it goes
+    final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"verifying {shards}" in final and "3/3" in final and "bad=0, good=24" in final
+    assert lsdr_main(["shards", "verify", str(shards), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

@@ -260,7 +260,7 @@ def test_rerun_keeps_good_shards_and_rewrites_damaged_ones(image_folder, tmp_pat
     assert result.shards_reused == [n for n in names if n not in (names[1], names[3])]
     assert shard_hashes(out) == reference
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*names, MANIFEST_NAME, "write_report.json", ".lsdr-write"])
+        [*names, MANIFEST_NAME, "write_report.json"])  # no hidden work folder once complete
 
 
 def test_killed_write_resumes_to_identical_shards(tmp_path):
