@@ -437,11 +437,11 @@ def load_images01(data: str | Path, image_size: int, max_images: int,
 
 
 def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIES,
-                    max_images: int = 512, reference: str | None = None,
-                    backbone: nn.Module | None = None,
-                    reference_key: str | None = None) -> dict[str, Any]:
+                    max_images: int = 512, reference: str | torch.Tensor | None = None,
+                    backbone: nn.Module | None = None) -> dict[str, Any]:
     """The invariance table of the first `max_images` images of `data`; features standardised
-    by those of (up to 4096 images of) `reference`, the train split, when given."""
+    by those of `reference`, the train split, when given: its features [M,F] already computed
+    with this backbone, or its data (the first 4096 images are embedded)."""
     t = ev.trained
     unknown = [f for f in families if f not in invariance.LEVELS]
     if unknown:
@@ -449,8 +449,10 @@ def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIE
         raise ConfigError(f"invariance: unknown family {unknown[0]!r} (known: {known})")
     images = load_images01(data, t.image_size, max_images, ev.batch_size, ev.num_workers)
     model = backbone if backbone is not None else t.backbone
-    ref = None if reference is None else ev.features(reference, model, reference_key,
-                                                     max_samples=4096).x
+    if reference is None or isinstance(reference, torch.Tensor):
+        ref = reference
+    else:
+        ref = ev.features(reference, model, max_samples=4096).x
     from lsdr_repr.tracking import progress_bar
 
     was_training = model.training
@@ -471,7 +473,7 @@ def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIE
                for level, cell in cells.items() for m, v in cell.items()}
     return {"metrics": metrics, "table": table,
             "details": {"data": str(data), "num_images": len(images),
-                        "reference": None if reference is None else str(reference)}}
+                        "reference": reference if isinstance(reference, str) else None}}
 
 
 def finetune_eval(
@@ -656,8 +658,8 @@ def demo_report(
         # labels are 0..K-1: K is what a classifier head on this data needs
         report["num_classes"] = int(max(tr.y.max(), te.y.max())) + 1
         report["invariance"][name] = invariance_eval(
-            ev, eval_shards, max_images=max_invariance_images, reference=train_shards,
-            backbone=model, reference_key=key)["table"]
+            ev, eval_shards, max_images=max_invariance_images, reference=tr.x,
+            backbone=model)["table"]
     plot = invariance_plot(report["invariance"], f"{trained.arch} after {trained.step} steps: "
                            "retrieval under Kornia's transforms")
     _write_result(results, "demo", {"metrics": {
