@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_pipelines.sample import _intact
+from data_pipelines.sample import _intact, scratch_dir
 from data_pipelines.writer import write_shards
 from lsdr_repr.errors import DataError
 
@@ -112,11 +111,7 @@ def write_fashion_mnist_shards(
         "test": (test_images, test_labels,
                  _first_stratified(np.arange(len(test_labels)), test_labels, limit)),
     }
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".fashion-src-", dir=out))
-    except OSError as exc:
-        raise DataError(f"{out}: cannot write the Fashion-MNIST shards ({exc})") from None
+    tmp = scratch_dir(out, ".fashion-src-", "the Fashion-MNIST shards")
     try:
         for name, (images, labels, index) in parts.items():
             src = tmp / name

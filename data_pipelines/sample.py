@@ -59,11 +59,7 @@ def write_sample_shards(out: Path, *, image_size: int = 64, photos: bool = False
         return splits
     images, labels = make_digit_images(image_size, photos=photos, seed=seed)
     parts = split_indices(labels, seed=seed)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".sample-src-", dir=out))
-    except OSError as exc:
-        raise DataError(f"{out}: cannot write the sample shards ({exc})") from None
+    tmp = scratch_dir(out, ".sample-src-", "the sample shards")
     try:
         for name, index in parts.items():
             src = tmp / name
@@ -76,6 +72,16 @@ def write_sample_shards(out: Path, *, image_size: int = 64, photos: bool = False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return splits
+
+
+def scratch_dir(out: Path, prefix: str, what: str) -> Path:
+    """A fresh folder inside OUT for the source images of a write (the caller removes it), or a
+    `DataError` naming OUT and `what` would have been written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=out))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write {what} ({exc})") from None
 
 
 def _intact(path: Path, label: str) -> bool:
