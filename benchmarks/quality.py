@@ -13,7 +13,7 @@ weighted kNN (`probes.knn_accuracy`) on frozen backbone features (`evaluate.extr
 the invariance table (`evaluate.invariance_table`: retrieval of a transformed copy among the
 originals under lighting, rotation, zoom in, zoom out and all at once) and the effective rank
 (`evaluate.embedding_rank`). The random-init arm evaluates the same architecture untrained
-(`export.random_backbone`). Several seeds; the report gives mean and sample std over seeds.
+(`backbone.random_backbone`). Several seeds; the report gives mean and sample std over seeds.
 
 Arms (`--arms`, comma separated; `NAME@PRESET` trains NAME with another augmentation preset):
   lsdr          LSDR with its defaults (configs/demo.yaml's objective and model.stages)
@@ -278,9 +278,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (arm, seed) with the real trainer (or take the random init) and evaluate it."""
     import torch
 
+    from lsdr_repr.backbone import TrainedBackbone, load_trained_backbone, random_backbone
     from lsdr_repr.config import config_to_dict, load_config
     from lsdr_repr.evaluate import resolve_device
-    from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
     from lsdr_repr.train import EXIT_OK, train
 
     cfg = load_config(job["config"], job_overrides(job))

@@ -47,10 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace) -> Path:
-    """DATA/shards written once by `lsdr shards write` (reused while the spec is the same)."""
+    """DATA/shards written once by the writer behind `lsdr shards write` (reused while the spec
+    is the same)."""
     from throughput import _write_images
 
-    from lsdr_repr.cli import main as lsdr
+    from data_pipelines.writer import write_shards
 
     shards, stamp = args.data_dir / "shards", args.data_dir / "spec.json"
     spec = {"images": args.images, "per_shard": args.per_shard, "version": 1}
@@ -59,10 +60,8 @@ def prepare(args: argparse.Namespace) -> Path:
     src = args.data_dir / "src"
     src.mkdir(parents=True, exist_ok=True)
     _write_images((src, list(range(args.images)), (380, 620), (300, 480)))
-    code = lsdr(["shards", "write", str(src), str(shards), "--prefix", "train", "--max-count",
-                 str(args.per_shard), "--no-progress", "--workers", "2"])
-    if code != 0:
-        raise SystemExit(f"lsdr shards write failed (exit {code})")
+    write_shards(src, shards, prefix="train", max_count=args.per_shard, progress=False,
+                 workers=2)
     stamp.write_text(json.dumps(spec))
     return shards
 

@@ -167,8 +167,9 @@ def _write_images(task: tuple[Path, list[int], tuple[int, int], tuple[int, int]]
 
 def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
     """DATA/src (JPEG files), DATA/full and DATA/shrunk (shards + manifest) through the real
-    `lsdr shards write`; an existing complete set with the same parameters is reused."""
-    from lsdr_repr.cli import main as lsdr
+    shard writer behind `lsdr shards write`; an existing complete set with the same parameters
+    is reused."""
+    from data_pipelines.writer import write_shards
 
     width = tuple(int(v) for v in args.source_width.split(","))
     height = tuple(int(v) for v in args.source_height.split(","))
@@ -194,13 +195,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
         with cf.ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_images, tasks))
     log.info("wrote %d JPEGs in %.1f s", args.images, time.perf_counter() - start)
-    common = ["--prefix", "train", "--max-count", str(args.per_shard), "--no-progress",
-              "--workers", str(workers)]
-    for name, extra in (("full", []), ("shrunk", ["--max-side", str(args.max_side),
-                                                   "--quality", str(args.shrunk_quality)])):
-        code = lsdr(["shards", "write", str(src), str(shards[name]), *common, *extra])
-        if code != 0:
-            raise SystemExit(f"lsdr shards write failed for {name} (exit {code})")
+    for name, extra in (("full", {}), ("shrunk", {"max_side": args.max_side,
+                                                   "quality": args.shrunk_quality})):
+        write_shards(src, shards[name], prefix="train", max_count=args.per_shard,
+                     progress=False, workers=workers, **extra)
     stamp.write_text(json.dumps(spec))
     return shards
 

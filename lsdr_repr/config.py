@@ -311,6 +311,10 @@ class ExportConfig:
     out_dir: str | None = None  # default: RUN_DIR/export
 
 
+# What `lsdr export` writes, read off the annotation so the list is written once.
+EXPORT_FORMATS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ExportConfig)["format"])
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,7 +18,6 @@ Library use: `online_knn` (the trainer's periodic kNN), `extract_features`, `inv
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsdr_repr import invariance, probes
+from lsdr_repr.backbone import TrainedBackbone, load_trained_backbone, random_backbone
 from lsdr_repr.errors import ConfigError, DataError, LsdrError
-from lsdr_repr.export import TrainedBackbone, load_trained_backbone, random_backbone
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +257,7 @@ def cached_features(
     return feats
 
 
-class _Evaluator:
+class Evaluator:
     """A loaded backbone with its results folder and feature cache (one per CLI command)."""
 
     def __init__(self, trained: TrainedBackbone, results_dir: Path | None, device: str,
@@ -284,7 +283,7 @@ class _Evaluator:
 
 
 # ------------------------------------------------------------------------------ evaluations
-def knn_eval(ev: _Evaluator, train: str, val: str, k: int = 20,
+def knn_eval(ev: Evaluator, train: str, val: str, k: int = 20,
              temperature: float = 0.07) -> dict[str, Any]:
     tr = ev.features(train).labelled(train)
     va = ev.features(val).labelled(val)
@@ -295,7 +294,7 @@ def knn_eval(ev: _Evaluator, train: str, val: str, k: int = 20,
                         "num_val": len(va.y)}}
 
 
-def linear_eval(ev: _Evaluator, train: str, val: str,
+def linear_eval(ev: Evaluator, train: str, val: str,
                 weight_decays: Sequence[float] = probes.DEFAULT_WEIGHT_DECAYS,
                 seed: int = 0) -> dict[str, Any]:
     tr = ev.features(train).labelled(train)
@@ -306,7 +305,7 @@ def linear_eval(ev: _Evaluator, train: str, val: str,
                         "num_val": len(va.y), "val_top1_per_weight_decay": res.val_top1}}
 
 
-def _linear_probe(ev: _Evaluator, tr: Features, va: Features, **kwargs: Any
+def _linear_probe(ev: Evaluator, tr: Features, va: Features, **kwargs: Any
                   ) -> probes.LinearProbeResult:
     """`probes.linear_probe` on the evaluator's device, with a bar over its L-BFGS fits."""
     from lsdr_repr.tracking import progress_bar
@@ -336,7 +335,7 @@ def embedding_rank(z: torch.Tensor) -> dict[str, Any]:
     return {"rankme": float(rank), "numerical_rank": numerical, "eigenvalues": eig}
 
 
-def rank_eval(ev: _Evaluator, data: str, max_samples: int | None = None) -> dict[str, Any]:
+def rank_eval(ev: Evaluator, data: str, max_samples: int | None = None) -> dict[str, Any]:
     feats = ev.features(data, max_samples=max_samples)
     if feats.x.shape[0] < 2:
         raise DataError(f"{data}: the rank needs at least 2 images")
@@ -436,7 +435,7 @@ def load_images01(data: str | Path, image_size: int, max_images: int,
     return torch.cat(chunks).float().div(255.0)
 
 
-def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIES,
+def invariance_eval(ev: Evaluator, data: str, families: Sequence[str] = FAMILIES,
                     max_images: int = 512, reference: str | torch.Tensor | None = None,
                     backbone: nn.Module | None = None) -> dict[str, Any]:
     """The invariance table of the first `max_images` images of `data`; features standardised
@@ -477,7 +476,7 @@ def invariance_eval(ev: _Evaluator, data: str, families: Sequence[str] = FAMILIE
 
 
 def finetune_eval(
-    ev: _Evaluator,
+    ev: Evaluator,
     train: str,
     val: str,
     epochs: int = 3,
@@ -537,7 +536,7 @@ def finetune_eval(
 
 
 def _finetune_steps(model: nn.Module, augment: nn.Module, optimizer: Any, scheduler: Any,
-                    batches: Iterator, total: int, t: TrainedBackbone, ev: _Evaluator,
+                    batches: Iterator, total: int, t: TrainedBackbone, ev: Evaluator,
                     losses: list[float], bar: Any) -> None:
     for step in range(total):
         images, labels = next(batches)
@@ -555,7 +554,7 @@ def _finetune_steps(model: nn.Module, augment: nn.Module, optimizer: Any, schedu
         bar.update(1)
 
 
-def _count_labelled(data: str, image_size: int, ev: _Evaluator) -> tuple[int, int]:
+def _count_labelled(data: str, image_size: int, ev: Evaluator) -> tuple[int, int]:
     """(number of samples, number of classes) of a labelled set."""
     if is_image_folder(data):
         from torchvision.datasets import ImageFolder
@@ -642,8 +641,8 @@ def demo_report(
     """Linear probe of the trained backbone vs the same architecture at random init, and the
     invariance table of both, on the held-out `eval_shards` (written to RUN_DIR/eval/demo.json)."""
     trained = load_trained_backbone(run_dir)
-    results = _results_dir(trained, None)
-    ev = _Evaluator(trained, results, device, batch_size=128, num_workers=2, progress=progress)
+    results = results_dir_for(trained, None)
+    ev = Evaluator(trained, results, device, batch_size=128, num_workers=2, progress=progress)
     baseline = random_backbone(trained, seed=0).to(ev.device)
     random_key = f"random-init:{trained.arch}:seed0:{trained.cache_key()}"
     report: dict[str, Any] = {"arch": trained.arch, "step": trained.step,
@@ -662,7 +661,7 @@ def demo_report(
             backbone=model)["table"]
     plot = invariance_plot(report["invariance"], f"{trained.arch} after {trained.step} steps: "
                            "retrieval under Kornia's transforms")
-    _write_result(results, "demo", {"metrics": {
+    write_result(results, "demo", {"metrics": {
         "linear_top1_trained": report["linear"]["trained"]["top1"],
         "linear_top1_random_init": report["linear"]["random_init"]["top1"]}, **report}, trained,
         plots={"invariance": plot})
@@ -712,7 +711,7 @@ def format_metrics(name: str, metrics: dict[str, Any]) -> str:
     return format_table([name, "value"], rows)
 
 
-def _results_dir(trained: TrainedBackbone, out: str | Path | None) -> Path | None:
+def results_dir_for(trained: TrainedBackbone, out: str | Path | None) -> Path | None:
     if out is not None:
         return Path(out)
     if trained.run_dir is not None:
@@ -720,7 +719,7 @@ def _results_dir(trained: TrainedBackbone, out: str | Path | None) -> Path | Non
     return None
 
 
-def _write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
+def write_result(results_dir: Path | None, name: str, payload: dict[str, Any],
                   trained: TrainedBackbone, plots: dict[str, Any] | None = None) -> Path | None:
     """RESULTS/<name>.json (atomic) and the metrics to the run's W&B run."""
     payload = {"name": name, "arch": trained.arch, "step": trained.step,
@@ -772,184 +771,3 @@ def _log_to_wandb(trained: TrainedBackbone, name: str, payload: dict[str, Any],
             tracker.log_plot(f"eval/{name}/{key}", image, step)
     finally:
         tracker.finish()
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_cli_commands(sub, add) -> None:
-    p = add(sub, "eval", "Evaluate a backbone: knn, linear, finetune, invariance, rank.",
-            "lsdr eval linear runs/demo --train data/sample/train --val data/sample/val")
-    esub = p.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("source", help="run directory, checkpoint file or timm export folder")
-        q.add_argument("--out", default=None, help="results folder (default RUN_DIR/eval)")
-        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        q.add_argument("--batch-size", type=int, default=128)
-        q.add_argument("--workers", type=int, default=2, help="reader worker processes")
-        q.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    def labelled(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--train", default=None, help="labelled shards or ImageFolder "
-                       "(default: the run's data.train_shards)")
-        q.add_argument("--val", default=None, help="labelled shards or ImageFolder "
-                       "(default: the run's data.val_shards)")
-
-    q = add(esub, "knn", "Weighted kNN (cosine, temperature voting) on frozen features.",
-            "lsdr eval knn runs/demo --train data/sample/train --val data/sample/val --k 20")
-    common(q)
-    labelled(q)
-    q.add_argument("--k", type=int, default=20)
-    q.add_argument("--temperature", type=float, default=0.07)
-    q.set_defaults(handler=_cmd_knn)
-
-    q = add(esub, "linear", "Linear probe (L-BFGS logistic regression, weight decay chosen on a "
-            "held-out part of train).", "lsdr eval linear runs/demo --val data/sample/test")
-    common(q)
-    labelled(q)
-    q.add_argument("--weight-decays", type=_floats, default=probes.DEFAULT_WEIGHT_DECAYS,
-                   help="comma-separated grid")
-    q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(handler=_cmd_linear)
-
-    q = add(esub, "finetune", "Fine-tune end to end with a new head for a few epochs.",
-            "lsdr eval finetune runs/demo --epochs 3 --lr 1e-3")
-    common(q)
-    labelled(q)
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--lr", type=float, default=1e-3, help="at batch 256, scaled linearly")
-    q.add_argument("--weight-decay", type=float, default=0.05)
-    q.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"))
-    q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(handler=_cmd_finetune)
-
-    q = add(esub, "invariance", "Embedding cosine and retrieval under lighting, rotation, scale "
-            "(Kornia's transforms, zero and reflection fill).",
-            "lsdr eval invariance runs/demo --data data/sample/test --families rotate,zoom_out")
-    common(q)
-    q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
-    q.add_argument("--families", type=lambda s: tuple(s.split(",")), default=FAMILIES,
-                   help=f"comma-separated (default {','.join(FAMILIES)})")
-    q.add_argument("--reference", default=None,
-                   help="images whose features standardise both sides (default: the run's "
-                   "data.train_shards; 'none' for raw features)")
-    q.add_argument("--max-images", type=int, default=512, help="first N images of --data")
-    q.set_defaults(handler=_cmd_invariance)
-
-    q = add(esub, "rank", "Effective rank (RankMe) and eigenvalue spectrum of the embeddings.",
-            "lsdr eval rank runs/demo --data data/sample/val")
-    common(q)
-    q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
-    q.add_argument("--max-samples", type=int, default=None)
-    q.set_defaults(handler=_cmd_rank)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _setup(args: argparse.Namespace) -> _Evaluator:
-    """Check every argument that can be checked, then load: a typo in --val must not cost the
-    model load and the train split's features first."""
-    from lsdr_repr.export import is_export_dir
-
-    if args.out is None and is_export_dir(args.source):
-        raise ConfigError(f"{args.source}: an export folder has no run directory for the "
-                          "results; give a results folder with --out")
-    for flag in ("train", "val", "data", "reference"):
-        value = getattr(args, flag, None)
-        if value and value != "none":
-            _check_data_exists(value, f"--{flag}")
-    trained = load_trained_backbone(args.source)
-    results = _results_dir(trained, args.out)
-    if results is None:
-        raise ConfigError(f"{args.source}: not a run; give a results folder with --out")
-    return _Evaluator(trained, results, args.device, args.batch_size, args.workers,
-                      progress=not args.no_progress)
-
-
-def _default_data(ev: _Evaluator, given: str | None, field: str) -> str:
-    if given:
-        return given
-    cfg = ev.trained.config
-    value = getattr(cfg.data, field, None) if cfg is not None else None
-    if not value:
-        flag = {"train_shards": "--train", "val_shards": "--val/--data"}[field]
-        raise ConfigError(f"{flag} is required (the source has no data.{field})")
-    return value
-
-
-def _data_args(ev: _Evaluator, *given: tuple[str | None, str]) -> list[str]:
-    """`_default_data` for each (flag value, config field), then every default taken from the
-    run's config checked to exist, all before the first feature is computed."""
-    values = [_default_data(ev, value, field) for value, field in given]
-    for (value, field), resolved in zip(given, values, strict=True):
-        if not value:
-            _check_data_exists(resolved, f"the source's data.{field}")
-    return values
-
-
-def _check_data_exists(spec: str, what: str) -> None:
-    """A local path in a data argument that is not there, named before any work starts.
-    Remote URLs, `pipe:` commands, globs and brace patterns are left to the readers."""
-    from data_pipelines.sources import is_remote
-
-    for part in str(spec).split("::"):
-        part = part.strip()
-        if not part or is_remote(part) or part.startswith("pipe:") or any(c in part for c in "*?[{"):
-            continue
-        if not Path(os.path.expanduser(part)).exists():
-            raise ConfigError(f"{what} {part}: no such file or directory")
-
-
-def _finish(ev: _Evaluator, name: str, result: dict[str, Any], text: str) -> int:
-    path = _write_result(ev.results_dir, name, result, ev.trained)
-    print(text)
-    if path is not None:
-        print(f"wrote {path}")
-    return 0
-
-
-def _cmd_knn(args: argparse.Namespace) -> int:
-    ev = _setup(args)
-    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
-    res = knn_eval(ev, train, val, args.k, args.temperature)
-    return _finish(ev, "knn", res, format_metrics("knn", res["metrics"]))
-
-
-def _cmd_linear(args: argparse.Namespace) -> int:
-    ev = _setup(args)
-    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
-    res = linear_eval(ev, train, val, args.weight_decays, args.seed)
-    return _finish(ev, "linear", res, format_metrics("linear probe", res["metrics"]))
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    ev = _setup(args)
-    train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
-    res = finetune_eval(ev, train, val, args.epochs, args.lr,
-                        args.weight_decay, args.optimizer, args.seed)
-    return _finish(ev, "finetune", res, format_metrics("fine-tuning", res["metrics"]))
-
-
-def _cmd_invariance(args: argparse.Namespace) -> int:
-    ev = _setup(args)
-    reference = None if args.reference == "none" else (
-        args.reference or ev.trained.config.data.train_shards or None)
-    (data,) = _data_args(ev, (args.data, "val_shards"))
-    res = invariance_eval(ev, data, args.families,
-                          args.max_images, reference)
-    text = f"{INVARIANCE_LEGEND}\n{format_invariance(res['table'])}"
-    return _finish(ev, "invariance", res, text)
-
-
-def _cmd_rank(args: argparse.Namespace) -> int:
-    ev = _setup(args)
-    (data,) = _data_args(ev, (args.data, "val_shards"))
-    res = rank_eval(ev, data, args.max_samples)
-    text = format_metrics("rank", res["metrics"])
-    if res["details"]["plot"]:
-        text += f"\nspectrum plot: {res['details']['plot']}"
-    return _finish(ev, "rank", res, text)

@@ -175,27 +175,3 @@ def test_a_batch_below_two_names_the_key_and_the_file(tmp_path, size):
     path.write_text("data:\n  batch_size: 8\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.batch_size: must be at least 2"):
         load_config(path, [f"data.batch_size={size}"])
-
-
-def test_every_positional_argument_has_help_text():
-    """`lsdr X --help` explains CONFIG, OVERRIDES, RUN_DIR ... not only the flags."""
-    import argparse
-
-    from lsdr_repr.cli import build_parser
-
-    def walk(parser: argparse.ArgumentParser, name: str):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for sub_name, sub in action.choices.items():
-                    if not sub_name.startswith("_"):  # internal commands, not in --help
-                        yield from walk(sub, f"{name} {sub_name}")
-            elif not action.option_strings:
-                yield name, action
-
-    positionals = list(walk(build_parser(), "lsdr"))
-    assert {(n, a.dest) for n, a in positionals} >= {("lsdr train", "config"),
-                                                     ("lsdr train", "overrides"),
-                                                     ("lsdr demo", "run_dir"),
-                                                     ("lsdr status", "run_dir")}
-    missing = [f"{n} {a.dest}" for n, a in positionals if not a.help]
-    assert not missing

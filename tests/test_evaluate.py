@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from lsdr_repr import evaluate, invariance, probes
+from lsdr_repr.backbone import load_trained_backbone
 from lsdr_repr.cli import main
 from lsdr_repr.errors import DataError
 from tests.test_export import make_run
@@ -181,7 +182,7 @@ def test_knn_linear_rank_cli_write_results_and_reuse_cached_features(data, run, 
 
 
 def test_image_folder_input_matches_the_shards(data, run):
-    trained = evaluate.load_trained_backbone(run)
+    trained = load_trained_backbone(run)
     a = evaluate.extract_features(trained.backbone, data["val"], 32, trained.mean, trained.std,
                                   num_workers=0)
     b = evaluate.extract_features(trained.backbone, data["val_folder"], 32, trained.mean,
@@ -196,7 +197,7 @@ def test_image_folder_input_matches_the_shards(data, run):
 
 
 def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
-    trained = evaluate.load_trained_backbone(run)
+    trained = load_trained_backbone(run)
     trained.backbone.train()
     acc = evaluate.online_knn(trained.backbone, data["val"], 32, trained.mean, trained.std,
                               num_workers=0, k=5)
@@ -267,8 +268,8 @@ def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):
                  str(data["val"]), "--epochs", "1", "--batch-size", "16", "--workers", "0",
                  "--out", str(tmp_path / "res")]) == 0
     res = json.loads((tmp_path / "res" / "finetune.json").read_text())
-    with_manifest = evaluate._count_labelled(str(data["train"]), 8, evaluate._Evaluator(
-        evaluate.load_trained_backbone(run), None, "cpu", batch_size=16, num_workers=0))
+    with_manifest = evaluate._count_labelled(str(data["train"]), 8, evaluate.Evaluator(
+        load_trained_backbone(run), None, "cpu", batch_size=16, num_workers=0))
     assert res["details"]["num_classes"] == with_manifest[1] == 4
     assert res["details"]["steps"] == with_manifest[0] // 16
 
@@ -347,7 +348,7 @@ def test_demo_report_compares_trained_and_random_init(data, tmp_path):
     assert f"invariance plot (retrieval against strength): {png}" in text
     # the data's four colour classes: the demo prints the timm line with the real count
     assert report["num_classes"] == 4
-    from lsdr_repr.cli import load_snippet
+    from lsdr_repr.cli.demo import load_snippet
 
     assert load_snippet("runs/demo/export", report["num_classes"]).endswith(
         'pretrained=True, num_classes=4)')

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lsdr_repr import export
+from lsdr_repr.backbone import load_trained_backbone
 from lsdr_repr.checkpoint import CheckpointWriter, capture_rng_state
 from lsdr_repr.cli import main
 from lsdr_repr.config import IMAGENET_MEAN, config_from_dict, config_to_dict
@@ -147,7 +148,7 @@ def test_timm_export_round_trip_in_a_fresh_process(runs, timm_exports, trainer_r
                        "head": {"resnet": "fc", "vit": "head"}[key]}
 
     # The real trainer's checkpoint: newest of the run, demo config (resnet18, ImageNet stats).
-    trained = export.load_trained_backbone(trainer_run)
+    trained = load_trained_backbone(trainer_run)
     assert trained.step == 3 and trained.arch == "resnet18" and trained.image_size == 24
     out = tmp_path / "export-trainer"
     export.export_backbone(trained, out)
@@ -343,7 +344,7 @@ def test_export_errors_and_cli(runs, tmp_path, capsys):
 
 def test_export_dir_is_a_source_for_evaluation(runs, timm_exports):
     _, backbone = runs["vit"]
-    loaded = export.load_trained_backbone(timm_exports["vit"][0])
+    loaded = load_trained_backbone(timm_exports["vit"][0])
     assert loaded.arch == "vit_tiny_patch16_224" and loaded.image_size == 32
     assert loaded.mean == MEAN and loaded.step == 7
     x = _probe_input()

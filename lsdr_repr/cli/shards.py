@@ -1,4 +1,4 @@
-"""`lsdr shards ...` subcommands (write, index, verify, sample).
+"""`lsdr shards ...` (write, index, verify, sample) over `data_pipelines`.
 
 Handlers print a short summary and return the exit status; library errors (`DataError`) are
 turned into one line and status 2 by `lsdr_repr.cli`. `verify` returns 1 when it found problems.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+from lsdr_repr.cli._common import add_command as add
+
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 
 
-def add_shard_commands(sub, add) -> None:
-    """Register the shard subcommands on `sub` using the CLI's `add(sub, name, help, example)`."""
+def register(sub) -> None:
+    shards = add(sub, "shards", "Write, index, verify and sample WebDataset shards.",
+                 "lsdr shards write ~/images data/shards --max-side 512")
+    sub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
     p = add(sub, "write",
             "Write images (ImageFolder tree, flat folder, or CSV/TSV of path[,label]) as "
             "WebDataset shards with a manifest; an interrupted write resumes when re-run.",

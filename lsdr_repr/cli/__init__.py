@@ -1,0 +1,68 @@
+"""The `lsdr` command: the only place that parses arguments and prints.
+
+One module per command group (`train`, `demo`, `shards`, `slurm`, `export`, `eval`), each with a
+`register(sub)` that adds its argparse parsers and handlers that call one library function and
+print the result object it returns. Library errors (`LsdrError`) become one line on stderr and
+exit status 2.
+
+Nothing here or in the group modules imports torch at module level: the library is imported
+inside the handlers, so `lsdr --help`, `lsdr X --help` and config errors answer at Python's own
+start-up time (tests/test_cli.py pins that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from lsdr_repr.cli import demo, export, shards, slurm, train
+from lsdr_repr.cli import eval as evaluation
+from lsdr_repr.cli._common import formatter
+from lsdr_repr.errors import LsdrError
+
+EXIT_USAGE_ERROR = 2
+# In `lsdr --help` order; each module's `register(sub)` adds its commands.
+GROUPS = (demo, train, shards, slurm, export, evaluation)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsdr",
+        description="lsdr-repr: pretrain image backbones invariant to lighting, rotation and scale.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preempt = train.early_preemption_flag(argv)
+    try:
+        return _main(argv, preempt)
+    finally:
+        if preempt is not None:
+            preempt.close()
+
+
+def _main(argv: list[str], preempt) -> int:
+    args = build_parser().parse_args(argv)
+    args.preempt = preempt
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except LsdrError as exc:
+        print(f"lsdr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    except KeyboardInterrupt:
+        print("lsdr: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,101 @@
+"""The `lsdr` command (lsdr_repr/cli/): help text, start-up cost, where printing happens."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsdr_repr.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "timm", "kornia", "wandb", "webdataset")
+
+
+def _walk(parser: argparse.ArgumentParser, name: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                if not sub_name.startswith("_"):  # internal commands, not in --help
+                    yield from _walk(sub, f"{name} {sub_name}")
+        elif not action.option_strings:
+            yield name, action
+
+
+def test_every_positional_argument_has_help_text():
+    """`lsdr X --help` explains CONFIG, OVERRIDES, RUN_DIR ... not only the flags."""
+    positionals = list(_walk(build_parser(), "lsdr"))
+    assert {(n, a.dest) for n, a in positionals} >= {("lsdr train", "config"),
+                                                     ("lsdr train", "overrides"),
+                                                     ("lsdr demo", "run_dir"),
+                                                     ("lsdr status", "run_dir")}
+    missing = [f"{n} {a.dest}" for n, a in positionals if not a.help]
+    assert not missing
+
+
+def _heavy_modules_after(argv: list[str]) -> tuple[int, list[str], str]:
+    """(exit status, heavy modules imported, stderr) of `lsdr ARGV` in a fresh interpreter."""
+    code = (
+        "import json, sys\n"
+        "from lsdr_repr.cli import main\n"
+        "try:\n"
+        f"    status = main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    status = exc.code\n"
+        f"print(json.dumps({{'status': status, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=False)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["status"], result["heavy"], proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["train", "--help"], ["eval", "linear", "--help"], ["export", "--help"],
+    ["submit", "--help"], ["shards", "write", "--help"],
+])
+def test_help_imports_no_heavy_library(argv):
+    """`lsdr --help` answers at Python's start-up time: torch, timm, kornia and wandb load only
+    inside the handler that needs them."""
+    status, heavy, _ = _heavy_modules_after(argv)
+    assert status == 0 and heavy == []
+
+
+def test_a_config_typo_is_reported_before_any_heavy_import(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 0.1\n")
+    status, heavy, err = _heavy_modules_after(["train", str(cfg), "optim.lrr=0.2"])
+    assert status == 2 and heavy == []
+    assert "unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in err
+
+
+def _calls(path: Path, name: str) -> list[int]:
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name) and node.func.id == name]
+
+
+def test_only_the_cli_prints():
+    """Library code returns result objects (and logs); lsdr_repr/cli/ prints them."""
+    offenders = {}
+    for package in ("lsdr_repr", "data_pipelines"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "cli" in path.relative_to(ROOT).parts:
+                continue
+            lines = _calls(path, "print")
+            if lines:
+                offenders[str(path.relative_to(ROOT))] = lines
+    assert offenders == {}
+
+
+def test_benchmarks_do_not_drive_the_cli():
+    """Benchmarks call the library: what they time must not depend on argument parsing."""
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any(m and m.startswith("lsdr_repr.cli") for m in imported), path.name
