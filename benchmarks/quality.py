@@ -9,10 +9,10 @@ views) with the same data, augmentations (`--augment`, default the `lsdr-invaria
 demo.yaml's data-specific keys), optimiser (LARS with the small-data settings of RECIPE below),
 steps, batch size and seed through the real trainer (`lsdr_repr.train.train(cfg)`, W&B disabled), then
 runs the real evaluation functions on the held-out split: linear probe (`probes.linear_probe`) and
-weighted kNN (`probes.knn_accuracy`) on frozen backbone features (`evaluate.extract_features`),
-the invariance table (`evaluate.invariance_table`: retrieval of a transformed copy among the
+weighted kNN (`probes.knn_accuracy`) on frozen backbone features (`eval.features.extract_features`),
+the invariance table (`eval.invariance.backbone_invariance_table`: retrieval of a transformed copy among the
 originals under lighting, rotation, zoom in, zoom out and all at once) and the effective rank
-(`evaluate.embedding_rank`). The random-init arm evaluates the same architecture untrained
+(`eval.frozen.embedding_rank`). The random-init arm evaluates the same architecture untrained
 (`backbone.random_backbone`). Several seeds; the report gives mean and sample std over seeds.
 
 Arms (`--arms`, comma separated; `NAME@PRESET` trains NAME with another augmentation preset):
@@ -280,7 +280,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     from lsdr_repr.backbone import TrainedBackbone, load_trained_backbone, random_backbone
     from lsdr_repr.config import config_to_dict, load_config
-    from lsdr_repr.evaluate import resolve_device
+    from lsdr_repr.eval.features import resolve_device
     from lsdr_repr.train import EXIT_OK, train
 
     cfg = load_config(job["config"], job_overrides(job))
@@ -321,7 +321,7 @@ def train_reference(job: dict[str, Any], cfg, device) -> tuple[Any, float]:
     held in memory at the view size."""
     import torch
 
-    from lsdr_repr.evaluate import iter_images, normalize_images
+    from lsdr_repr.eval.features import iter_images, normalize_images
 
     if str(Path(__file__).resolve().parent) not in sys.path:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -356,7 +356,7 @@ def evaluate(backbone, cfg, splits: dict[str, str], eval_splits: list[str], devi
              job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{split: {"metrics", "invariance"}}: linear probe, kNN, effective rank and the invariance
     table on each held-out split (probes fitted on the train split)."""
-    from lsdr_repr.evaluate import extract_features
+    from lsdr_repr.eval.features import extract_features
 
     size, mean, std = cfg.augment.crop_size, cfg.augment.mean, cfg.augment.std
     kw = {"device": device, "num_workers": 2, "max_samples": job["max_eval_samples"]}
@@ -367,13 +367,9 @@ def evaluate(backbone, cfg, splits: dict[str, str], eval_splits: list[str], devi
 
 def _evaluate_split(backbone, tr, data: str, split: str, size: int, mean, std, device,
                     job: dict[str, Any]) -> dict[str, Any]:
-    from lsdr_repr import invariance, probes
-    from lsdr_repr.evaluate import (
-        embedding_rank,
-        extract_features,
-        invariance_table,
-        load_images01,
-    )
+    from lsdr_repr.eval import invariance, probes
+    from lsdr_repr.eval.features import extract_features, load_images01
+    from lsdr_repr.eval.frozen import embedding_rank
 
     kw = {"device": device, "num_workers": 2, "max_samples": job["max_eval_samples"]}
     ev = extract_features(backbone, data, size, mean, std, **kw).labelled(split)
@@ -389,8 +385,8 @@ def _evaluate_split(backbone, tr, data: str, split: str, size: int, mean, std, d
     images = load_images01(data, size, job["max_invariance_images"], num_workers=0)
     backbone.eval()
     # Kornia's transforms, zero and reflection fill; features standardised by the train split's
-    table = invariance_table(backbone, images.to(device), mean, std,
-                             reference=tr.x[:20000].to(device))
+    table = invariance.backbone_invariance_table(backbone, images.to(device), mean, std,
+                                                 reference=tr.x[:20000].to(device))
     metrics = {"linear_top1": lin.top1, "linear_weight_decay": lin.weight_decay,
                "knn_top1": knn["top1"], "rankme": rank["rankme"],
                "numerical_rank": rank["numerical_rank"], "num_train": len(tr.y),

@@ -43,7 +43,8 @@ def demo_config_path() -> Path:
 def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> DemoResult:
     from data_pipelines.sample import write_sample_shards
     from lsdr_repr.distributed import read_dist_env
-    from lsdr_repr.evaluate import demo_report, format_report
+    from lsdr_repr.eval.online import online_validator
+    from lsdr_repr.eval.report import demo_report, format_report
     from lsdr_repr.export import export_backbone
     from lsdr_repr.train import EXIT_OK, train
 
@@ -55,7 +56,7 @@ def run_demo(run_dir: str, data_dir: str, overrides: Sequence[str] = ()) -> Demo
         f"data.test_shards={splits['test']}",
         *overrides,
     ])
-    result = train(cfg)
+    result = train(cfg, validator=online_validator(cfg))
     demo = DemoResult(result.exit_code, Path(run_dir), result.checkpoint, result.wandb_path)
     if result.exit_code != EXIT_OK:
         return demo

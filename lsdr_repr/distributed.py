@@ -390,6 +390,23 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """[N_r, ...] per rank, N_r free to differ -> [sum of N_r, ...] in rank order on every rank,
+    without gradient (evaluation features); `x` itself when alone. The trailing shape must agree."""
+    if not is_distributed():
+        return x
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
+    counts = [int(n) for n in sizes]
+    # all_gather needs one shape on every rank: pad to the largest share, then cut.
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[:x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a (float) tensor over ranks, as a new tensor without gradient; a copy when alone."""
     out = x.detach().clone()

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -52,6 +53,16 @@ SCHEDULE_KEYS = (
 )
 
 
+class Validator(Protocol):
+    """What the trainer asks of an evaluation during training (lsdr_repr.eval.online.OnlineKnn):
+    injected, so the trainer imports no evaluation code. `run` is called on every rank with the
+    backbone and returns the metrics to log."""
+
+    def should_run(self, step: int) -> bool: ...
+
+    def run(self, model: nn.Module, step: int) -> dict[str, float]: ...
+
+
 class TrainingDiverged(LsdrError):
     """The loss was non-finite for `train.max_nonfinite_steps` steps in a row."""
 
@@ -85,19 +96,21 @@ def resolve_device_type(requested: str) -> str:
     return "cuda"
 
 
-def train(cfg: Config, preempt: PreemptionFlag | None = None) -> TrainResult:
+def train(cfg: Config, preempt: PreemptionFlag | None = None,
+          validator: Validator | None = None) -> TrainResult:
     """Train or resume the run in `cfg.train.run_dir`; returns the exit code and where things are.
 
     `preempt`: a flag installed by the caller before its heavy imports, so that a preemption
     signal during start-up also ends with EXIT_PREEMPTED (the CLI passes one); None: one is
-    installed here.
+    installed here. `validator`: the evaluation run during training
+    (`lsdr_repr.eval.online.online_validator(cfg)` for the online kNN); None: none.
     """
     env = dist.read_dist_env()
     device = dist.init_distributed(env, resolve_device_type(cfg.train.device))
     try:
         with _lock_run_dir(cfg.train.run_dir, env.rank):
             cfg = _shards_from_image_folder(cfg, env.rank)
-            return Trainer(cfg, env, device, preempt=preempt).run()
+            return Trainer(cfg, env, device, preempt=preempt, validator=validator).run()
     except OSError as exc:
         # A full disk or a vanished mount outside the checkpoint writer (config.yaml, the W&B id
         # file...): one line naming the file, not a traceback and an undocumented status.
@@ -156,12 +169,14 @@ def _lock_run_dir(run_dir: str, rank: int):
 
 class Trainer:
     def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device,
-                 preempt: PreemptionFlag | None = None) -> None:
+                 preempt: PreemptionFlag | None = None,
+                 validator: Validator | None = None) -> None:
         from data_pipelines.reader import make_train_loader, resolve_train_data, to_device
 
         self.cfg, self.env, self.device = cfg, env, device
         self.rank, self.world_size = env.rank, env.world_size
         self.preempt = preempt
+        self.validator = validator
         if cfg.data.batch_size // self.world_size < 2:
             # BatchNorm (and the variance and covariance terms) need two images per rank.
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} gives "
@@ -495,7 +510,9 @@ class Trainer:
                     self.progress.update(self.step, metrics)
                     window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
                 self._periodic_media(views)
-                self._online_eval()
+                if self.validator is not None and self.validator.should_run(self.step):
+                    self.tracker.log(self.validator.run(self.model.backbone, self.step),
+                                     self.step)
 
                 stop = self._agree(preempt.is_set)
                 if stop and self.step >= cfg.total_steps:
@@ -561,22 +578,6 @@ class Trainer:
         diag = embedding_diagnostics(self._last_projection)
         metrics.update({f"diag/{k}": v for k, v in diag.items()})
         return metrics
-
-    def _online_eval(self) -> None:
-        """Leave-one-out kNN on data.val_shards every train.eval_every steps, on rank 0 only
-        (no collectives inside; the other ranks wait at the next one)."""
-        cfg = self.cfg
-        due = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
-        if not (due and cfg.data.val_shards) or self.rank != 0:
-            return
-        from lsdr_repr.evaluate import online_knn
-
-        scores = online_knn(self.model.backbone, cfg.data.val_shards, cfg.augment.crop_size,
-                            cfg.augment.mean, cfg.augment.std, device=self.device,
-                            num_workers=min(2, cfg.data.num_workers))
-        self.tracker.log({f"knn/{k}": v for k, v in scores.items()}, self.step)
-        log.info("step %d: online kNN %s", self.step,
-                 ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train

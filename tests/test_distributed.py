@@ -11,6 +11,7 @@ import torch
 from lsdr_repr.distributed import (
     DistEnv,
     DistributedError,
+    all_gather_cat,
     all_gather_with_grad,
     all_reduce_mean,
     barrier,
@@ -106,6 +107,7 @@ def test_single_process_helpers_are_identities():
     x = torch.arange(6.0).view(3, 2)
     assert not is_distributed() and get_rank() == 0 and get_world_size() == 1
     assert all_gather_with_grad(x) is x
+    assert all_gather_cat(x) is x
     assert torch.equal(all_reduce_mean(x), x)
     assert broadcast_object({"a": 1}) == {"a": 1}
     assert gather_objects(3) == [3]
@@ -147,6 +149,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     (gathered * weights).sum().backward()
     out["gathered"] = gathered.detach()
     out["grad"] = x.grad
+    out["cat"] = d.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # shares differ
     out["mean"] = d.all_reduce_mean(torch.tensor([float(rank), 10.0 * rank]))
     out["broadcast"] = d.broadcast_object({"seed": 1234 + rank}, src=1)
     out["gathered_objects"] = d.gather_objects({"rank": rank, "rng": torch.get_rng_state()[:4]})
@@ -169,6 +172,7 @@ def test_two_gloo_processes(tmp_path):
         # sum over ranks (2x), which DDP's averaging turns back into the one-process gradient
         assert torch.equal(out["grad"], 2 * weights[2 * rank:2 * rank + 2])
         assert torch.equal(out["mean"], torch.tensor([0.5, 5.0]))
+        assert torch.equal(out["cat"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
         assert out["broadcast"] == {"seed": 1235}
     assert [o["rank"] for o in outs[0]["gathered_objects"]] == [0, 1]
     assert outs[1]["gathered_objects"] is None

@@ -103,7 +103,7 @@ def _probe_input(size: int = 32, batch: int = 4) -> torch.Tensor:
 def trainer_run(tmp_path_factory) -> Path:
     """A run of the real trainer (`lsdr train configs/demo.yaml`, a few steps on tiny shards)."""
     from data_pipelines.writer import write_shards
-    from tests.test_evaluate import write_image_folder
+    from tests.test_eval import write_image_folder
 
     root = tmp_path_factory.mktemp("trainer")
     shards = write_shards(write_image_folder(root / "images", 8, seed=0), root / "shards",

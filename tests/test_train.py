@@ -97,7 +97,8 @@ def sync_dry_run(command: str) -> list[Path]:
 def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_shards, tmp_path,
                                                                       capsys):
     run_dir = tmp_path / "run"
-    code = main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)])
+    # the CLI injects the online kNN validator: every 4 steps on data.val_shards
+    code = main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir, "train.eval_every=4")])
     assert code == 0
     assert checkpoint_steps(run_dir) == [4, 6, 8]  # keep_checkpoints=3, the final one included
     state = load_checkpoint(run_dir / "checkpoints" / "step-00000008.pt")
@@ -116,12 +117,16 @@ def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_sha
                 "diag/rankme", "epoch"):
         assert key in keys, key
     assert all(row["loss/total"] == row["loss/total"] for row in logged)  # finite, not NaN
+    knn = [row for row in history if "knn/top1" in row]
+    assert [row["_step"] for row in knn] == [4, 8]
+    assert all(0.0 <= row["knn/top1"] <= row["knn/top5"] <= 1.0 for row in knn)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 8
 
     # Running again on a finished run resumes at the end and does nothing more.
     capsys.readouterr()
-    assert main(["train", str(DEMO), *tiny_overrides(sample_shards, run_dir)]) == 0
+    assert main(["train", str(DEMO),
+                 *tiny_overrides(sample_shards, run_dir, "train.eval_every=4")]) == 0
     assert checkpoint_steps(run_dir) == [4, 6, 8]
 
     # That second process opened a second W&B offline directory (same id) holding no training
@@ -139,7 +144,8 @@ def test_train_end_to_end_writes_checkpoints_config_and_wandb_history(sample_sha
     # record, the run done, the checkpoints and the same upload command.
     assert main(["status", str(run_dir)]) == 0
     status = capsys.readouterr().out
-    last = json.loads(lines[-1])["metrics"]
+    last = [r["metrics"] for r in map(json.loads, lines) if "loss/total" in r["metrics"]][-1]
+    assert "kNN at step 8: top1 " in status
     assert f"step 8/8, loss {last['loss/total']:.4g}, " in status and ", done" in status
     assert f"RankMe {last['diag/rankme']:.1f}" in status
     assert "checkpoints: step-00000004.pt, step-00000006.pt, step-00000008.pt" in status

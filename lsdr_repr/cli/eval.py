@@ -1,5 +1,15 @@
 """`lsdr eval knn | linear | finetune | invariance | rank`: check the arguments, run one
-evaluation of `lsdr_repr.evaluate`, print its table and where its result file went."""
+evaluation of `lsdr_repr.eval`, print its table and where its result file went.
+
+    lsdr eval knn runs/demo --train data/sample/train --val data/sample/val
+    lsdr eval linear runs/demo                      # shards default to the run's data.* entries
+    lsdr eval invariance runs/demo --data data/sample/test
+    lsdr eval rank runs/demo
+
+SOURCE is a run directory (newest valid checkpoint), a checkpoint file or a timm export folder.
+Every command prints a table, writes RESULTS/<name>.json (RESULTS = RUN_DIR/eval by default) and
+logs to the run's W&B run when its id is stored in the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +75,7 @@ def register(sub) -> None:
     common(q)
     q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
     q.add_argument("--families", type=lambda s: tuple(s.split(",")), default=None,
-                   help="comma-separated families of `lsdr_repr.invariance` (default: all)")
+                   help="comma-separated families of `lsdr_repr.eval.invariance` (default: all)")
     q.add_argument("--reference", default=None,
                    help="images whose features standardise both sides (default: the run's "
                    "data.train_shards; 'none' for raw features)")
@@ -100,7 +110,8 @@ def _setup(args: argparse.Namespace) -> Any:
         if value and value != "none":
             _check_data_exists(value, f"--{flag}")
     from lsdr_repr.backbone import load_trained_backbone
-    from lsdr_repr.evaluate import Evaluator, results_dir_for
+    from lsdr_repr.eval.cache import Evaluator
+    from lsdr_repr.eval.results import results_dir_for
 
     trained = load_trained_backbone(args.source)
     results = results_dir_for(trained, args.out)
@@ -145,7 +156,7 @@ def _check_data_exists(spec: str, what: str) -> None:
 
 
 def _finish(ev: Any, name: str, result: dict[str, Any], text: str) -> int:
-    from lsdr_repr.evaluate import write_result
+    from lsdr_repr.eval.results import write_result
 
     path = write_result(ev.results_dir, name, result, ev.trained)
     print(text)
@@ -155,7 +166,8 @@ def _finish(ev: Any, name: str, result: dict[str, Any], text: str) -> int:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from lsdr_repr.evaluate import format_metrics, knn_eval
+    from lsdr_repr.eval.frozen import knn_eval
+    from lsdr_repr.eval.report import format_metrics
 
     ev = _setup(args)
     train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
@@ -164,7 +176,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
-    from lsdr_repr.evaluate import format_metrics, linear_eval
+    from lsdr_repr.eval.frozen import linear_eval
+    from lsdr_repr.eval.report import format_metrics
 
     ev = _setup(args)
     train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
@@ -174,7 +187,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lsdr_repr.evaluate import finetune_eval, format_metrics
+    from lsdr_repr.eval.finetune import finetune_eval
+    from lsdr_repr.eval.report import format_metrics
 
     ev = _setup(args)
     train, val = _data_args(ev, (args.train, "train_shards"), (args.val, "val_shards"))
@@ -184,7 +198,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_invariance(args: argparse.Namespace) -> int:
-    from lsdr_repr.evaluate import INVARIANCE_LEGEND, format_invariance, invariance_eval
+    from lsdr_repr.eval.invariance import invariance_eval
+    from lsdr_repr.eval.report import INVARIANCE_LEGEND, format_invariance
 
     ev = _setup(args)
     reference = None if args.reference == "none" else (
@@ -197,7 +212,8 @@ def cmd_invariance(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from lsdr_repr.evaluate import format_metrics, rank_eval
+    from lsdr_repr.eval.frozen import rank_eval
+    from lsdr_repr.eval.report import format_metrics
 
     ev = _setup(args)
     (data,) = _data_args(ev, (args.data, "val_shards"))

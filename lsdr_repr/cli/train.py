@@ -48,9 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         preempt.watch(cfg.train.preempt_signal)
         log.info("train: %s stop the run with a checkpoint and exit status 3",
                  " or ".join(sorted(s.name for s in preempt.signals)))
+        from lsdr_repr.eval.online import online_validator
         from lsdr_repr.train import train
 
-        result = train(cfg, preempt=preempt)
+        result = train(cfg, preempt=preempt, validator=online_validator(cfg))
     finally:
         preempt.close()
     from lsdr_repr.distributed import read_dist_env

@@ -1,8 +1,9 @@
 """Evaluation maths on frozen features: kNN, linear probe, invariance scores.
 
-Pure functions on tensors (no I/O, no models): `evaluate.py` computes the features and calls
-these; the trainer's online kNN calls `knn_accuracy` directly. The effective rank and the
-covariance spectrum are `lsdr_repr.objectives`' (the trainer logs the same quantities).
+Pure functions on tensors (no I/O, no models): the other modules of `lsdr_repr.eval` compute
+the features and call these; the online kNN calls `knn_accuracy` on the gathered features. The
+effective rank and the covariance spectrum are `lsdr_repr.objectives`' (the trainer logs the
+same quantities).
 """
 
 from __future__ import annotations

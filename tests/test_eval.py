@@ -13,10 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lsdr_repr import evaluate, invariance, probes
 from lsdr_repr.backbone import load_trained_backbone
 from lsdr_repr.cli import main
 from lsdr_repr.errors import DataError
+from lsdr_repr.eval import invariance, probes
+from lsdr_repr.eval.cache import Evaluator
+from lsdr_repr.eval.features import extract_features, load_images01
+from lsdr_repr.eval.finetune import count_labelled
+from lsdr_repr.eval.invariance import backbone_invariance_table
+from lsdr_repr.eval.online import online_knn
+from lsdr_repr.eval.report import demo_report, format_report
 from tests.test_export import make_run
 
 NUM_CLASSES = 5
@@ -92,7 +98,7 @@ def test_invariance_scores():
 
 
 def test_rank_of_a_known_low_rank_matrix():
-    from lsdr_repr.evaluate import embedding_rank
+    from lsdr_repr.eval.frozen import embedding_rank
 
     gen = torch.Generator().manual_seed(0)
     n, dim, r = 400, 64, 5
@@ -166,7 +172,7 @@ def test_knn_linear_rank_cli_write_results_and_reuse_cached_features(data, run, 
     cached = sorted((run / "eval" / "cache").glob("features-*.safetensors"))
     assert len(cached) == 2  # train and val, computed once
 
-    caplog.set_level(logging.INFO, logger="lsdr_repr.evaluate")
+    caplog.set_level(logging.INFO, logger="lsdr_repr.eval")
     assert main(["eval", "linear", str(run), *common]) == 0
     assert sum("from cache" in r.message for r in caplog.records) == 2
     linear = json.loads((run / "eval" / "linear.json").read_text())
@@ -183,9 +189,9 @@ def test_knn_linear_rank_cli_write_results_and_reuse_cached_features(data, run, 
 
 def test_image_folder_input_matches_the_shards(data, run):
     trained = load_trained_backbone(run)
-    a = evaluate.extract_features(trained.backbone, data["val"], 32, trained.mean, trained.std,
+    a = extract_features(trained.backbone, data["val"], 32, trained.mean, trained.std,
                                   num_workers=0)
-    b = evaluate.extract_features(trained.backbone, data["val_folder"], 32, trained.mean,
+    b = extract_features(trained.backbone, data["val_folder"], 32, trained.mean,
                                   trained.std, num_workers=0)
     # Same images, same classes; the shards hold the JPEG bytes of the folder unchanged or
     # re-encoded, so the embeddings agree closely but not bit for bit.
@@ -199,12 +205,12 @@ def test_image_folder_input_matches_the_shards(data, run):
 def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
     trained = load_trained_backbone(run)
     trained.backbone.train()
-    acc = evaluate.online_knn(trained.backbone, data["val"], 32, trained.mean, trained.std,
+    acc = online_knn(trained.backbone, data["val"], 32, trained.mean, trained.std,
                               num_workers=0, k=5)
     assert acc["top1"] >= 0.9
     assert trained.backbone.training  # mode given back to the trainer
     with pytest.raises(DataError, match="have no label"):
-        evaluate.online_knn(trained.backbone, data["unlabelled"], 32, trained.mean, trained.std,
+        online_knn(trained.backbone, data["unlabelled"], 32, trained.mean, trained.std,
                             num_workers=0)
     code = main(["eval", "knn", str(run), "--train", str(data["unlabelled"]), "--val",
                  str(data["val"]), "--workers", "0", "--no-progress"])
@@ -215,6 +221,41 @@ def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
                  str(data["val"]), "--workers", "0"])
     last = capsys.readouterr().err.splitlines()[-1]
     assert code == 2 and last.startswith("lsdr: error: ") and "unlabelled" in last
+
+
+def _online_knn_worker(rank: int, port: int, run: str, sources: list[str], out: str) -> None:
+    from lsdr_repr import distributed as d
+
+    torch.set_num_threads(1)
+    env = d.read_dist_env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    d.init_distributed(env, "cpu", connect_timeout_s=60)
+    trained = load_trained_backbone(run)
+    scores = [online_knn(trained.backbone, src, 32, trained.mean, trained.std, device="cpu",
+                         num_workers=0, k=5) for src in sources]
+    torch.save(scores, f"{out}/rank{rank}.pt")
+    d.cleanup()
+
+
+@pytest.mark.distributed
+def test_online_knn_on_two_ranks_scores_the_whole_set_on_each(data, run, tmp_path):
+    """Each rank embeds its share (shards, or every other image of a folder), the shares are
+    gathered, and both ranks report the one-process scores of the whole set."""
+    from tests.test_distributed import _free_port
+
+    trained = load_trained_backbone(run)
+    sources = [str(data["val"]), str(data["val_folder"])]
+    alone = [online_knn(trained.backbone, src, 32, trained.mean, trained.std, device="cpu",
+                        num_workers=0, k=5) for src in sources]
+    torch.multiprocessing.start_processes(
+        _online_knn_worker, args=(_free_port(), str(run), sources, str(tmp_path)), nprocs=2,
+        start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    for together, one in zip(ranks[0], alone, strict=True):
+        # the same 24 images and labels; batches of other sizes may move a float by 1e-7
+        assert together.keys() == one.keys()
+        assert all(abs(together[k] - one[k]) <= 1 / 24 + 1e-9 for k in one)
 
 
 def final_bars(err: str) -> dict[str, str]:
@@ -268,7 +309,7 @@ def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):
                  str(data["val"]), "--epochs", "1", "--batch-size", "16", "--workers", "0",
                  "--out", str(tmp_path / "res")]) == 0
     res = json.loads((tmp_path / "res" / "finetune.json").read_text())
-    with_manifest = evaluate._count_labelled(str(data["train"]), 8, evaluate.Evaluator(
+    with_manifest = count_labelled(str(data["train"]), 8, Evaluator(
         load_trained_backbone(run), None, "cpu", batch_size=16, num_workers=0))
     assert res["details"]["num_classes"] == with_manifest[1] == 4
     assert res["details"]["steps"] == with_manifest[0] // 16
@@ -293,10 +334,10 @@ class ConstantEncoder(torch.nn.Module):
 def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(data):
     import timm
 
-    images = evaluate.load_images01(data["val"], 32, max_images=24, num_workers=0)
+    images = load_images01(data["val"], 32, max_images=24, num_workers=0)
     assert images.shape == (24, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    table = evaluate.invariance_table(ConstantEncoder(), images, mean, std)
+    table = backbone_invariance_table(ConstantEncoder(), images, mean, std)
     assert set(table) == {"brightness", "rotate/zeros", "rotate/reflection", "zoom_out/zeros",
                           "zoom_out/reflection", "zoom_in", "combined/zeros",
                           "combined/reflection"}
@@ -308,7 +349,7 @@ def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(dat
 
     torch.manual_seed(0)
     random_net = timm.create_model("resnet10t", num_classes=0).eval()
-    table = evaluate.invariance_table(random_net, images, mean, std, families=("rotate",))
+    table = backbone_invariance_table(random_net, images, mean, std, families=("rotate",))
     assert set(table) == {"rotate/zeros", "rotate/reflection"}
     small, large = table["rotate/zeros"]["15"], table["rotate/zeros"]["60"]
     # Pooled ReLU features of any two images are close in raw cosine; the centred cosine and
@@ -316,7 +357,7 @@ def test_invariance_is_one_for_a_constant_encoder_and_drops_for_a_random_one(dat
     assert large["cosine_centered"] < small["cosine_centered"] < 0.999
     assert large["retrieval_top1"] <= small["retrieval_top1"] and large["retrieval_top1"] < 0.5
     # no randomness: the table is reproducible
-    again = evaluate.invariance_table(random_net, images, mean, std, families=("rotate",))
+    again = backbone_invariance_table(random_net, images, mean, std, families=("rotate",))
     assert again == table
 
 
@@ -328,7 +369,7 @@ def test_demo_report_compares_trained_and_random_init(data, tmp_path):
     ckpt, _ = make_run(tmp_path / "run", "resnet10t", {}, crop=32, wandb_run_id="demorun1",
                        log={"wandb": {"mode": "offline", "project": "lsdr-test"}})
     run = ckpt.parent.parent
-    report = evaluate.demo_report(run, str(data["train"]), str(data["val"]), device="cpu",
+    report = demo_report(run, str(data["train"]), str(data["val"]), device="cpu",
                                   max_invariance_images=16)
     # the invariance plot: a PNG in RUN_DIR/eval, named in the report, and in the W&B run
     png = run / "eval" / "demo_invariance.png"
@@ -343,7 +384,7 @@ def test_demo_report_compares_trained_and_random_init(data, tmp_path):
     assert set(report["invariance"]["trained"]) == {r for r, _, _ in invariance.rows()}
     saved = json.loads((run / "eval" / "demo.json").read_text())
     assert saved["metrics"]["linear_top1_trained"] == report["linear"]["trained"]["top1"]
-    text = evaluate.format_report(report)
+    text = format_report(report)
     assert "random_init" in text and "zoom_out/zeros" in text and "step-00000007.pt" in text
     assert f"invariance plot (retrieval against strength): {png}" in text
     # the data's four colour classes: the demo prints the timm line with the real count

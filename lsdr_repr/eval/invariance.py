@@ -1,7 +1,8 @@
 """Invariance of a frozen encoder, measured with Kornia's standard transforms.
 
-    table = invariance_table(encoder, images01, mean, std, reference=train_features)
+    table = invariance_table(embed, images01, reference=train_features)  # embed: [0,1] -> [B,F]
     table["rotate/zeros"]["30"]["retrieval_top1"]      # rotated 30 degrees, zero fill
+    invariance_eval(evaluator, "data/sample/test")     # a loaded backbone on a shard spec
 
 Each image is embedded as it is and after one transform at a fixed strength; the scores are
 `probes.invariance_scores` (cosine, centred cosine, and retrieval: the fraction of transformed
@@ -21,13 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kornia.enhance import adjust_brightness_accumulative
 from kornia.geometry.transform import rotate, scale
-from torch import Tensor
+from torch import Tensor, nn
 
-from lsdr_repr import probes
+from lsdr_repr.errors import ConfigError
+from lsdr_repr.eval import probes
+from lsdr_repr.eval.cache import Evaluator
+from lsdr_repr.eval.features import load_images01, normalize_images
 
 FILLS = ("zeros", "reflection")
 
@@ -61,7 +66,10 @@ HEADLINE = (("brightness", "0.6"), ("rotate/zeros", "30"), ("rotate/reflection",
             ("combined/zeros", "30/0.7/0.6"), ("combined/reflection", "30/0.7/0.6"))
 
 
-def rows(families: Sequence[str] = tuple(LEVELS)) -> list[tuple[str, str, str | None]]:
+FAMILIES = tuple(LEVELS)  # in the table's row order
+
+
+def rows(families: Sequence[str] = FAMILIES) -> list[tuple[str, str, str | None]]:
     """(row name, family, fill) for each table row: geometric families once per fill."""
     out = []
     for family in families:
@@ -136,7 +144,7 @@ def invariance_table(
     return table
 
 
-def num_cells(families: Sequence[str] = tuple(LEVELS)) -> int:
+def num_cells(families: Sequence[str] = FAMILIES) -> int:
     """The number of (row, level) cells `invariance_table` measures for `families`."""
     return sum(len(LEVELS[family]) for _, family, _ in rows(families))
 
@@ -145,3 +153,63 @@ def headline(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     """The headline retrieval cells as flat metrics: {"retrieval/rotate/zeros@30": ...}."""
     return {f"retrieval/{row}@{label}": table[row][label]["retrieval_top1"]
             for row, label in HEADLINE if row in table and label in table[row]}
+
+
+# ------------------------------------------------------------------- on a loaded backbone
+def backbone_invariance_table(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    images01: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    families: Sequence[str] = FAMILIES,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 128,
+    on_cell: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{row: {level: scores}} for images [N,3,R,R] in [0,1] and an encoder of normalised
+    images [B,3,R,R] -> [B,F]: `invariance_table` above (Kornia's transforms,
+    zero and reflection fill), features standardised by `reference` [M,F] when given."""
+    size = images01.shape[-1]
+    return invariance_table(
+        lambda x01: encoder(normalize_images(x01, size, mean, std)), images01, families,
+        reference, batch_size, on_cell)
+
+
+def invariance_eval(ev: Evaluator, data: str, families: Sequence[str] = FAMILIES,
+                    max_images: int = 512, reference: str | torch.Tensor | None = None,
+                    backbone: nn.Module | None = None) -> dict[str, Any]:
+    """The invariance table of the first `max_images` images of `data`; features standardised
+    by those of `reference`, the train split, when given: its features [M,F] already computed
+    with this backbone, or its data (the first 4096 images are embedded)."""
+    t = ev.trained
+    unknown = [f for f in families if f not in LEVELS]
+    if unknown:
+        known = ", ".join(LEVELS)
+        raise ConfigError(f"invariance: unknown family {unknown[0]!r} (known: {known})")
+    images = load_images01(data, t.image_size, max_images, ev.batch_size, ev.num_workers)
+    model = backbone if backbone is not None else t.backbone
+    if reference is None or isinstance(reference, torch.Tensor):
+        ref = reference
+    else:
+        ref = ev.features(reference, model, max_samples=4096).x
+    from lsdr_repr.tracking import progress_bar
+
+    was_training = model.training
+    model.eval()
+    try:
+        with progress_bar(num_cells(families), f"invariance of {len(images)} images",
+                          "transform", ev.progress) as bar:
+            def on_cell(name: str) -> None:
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
+
+            table = backbone_invariance_table(model, images.to(ev.device), t.mean, t.std, families,
+                                     None if ref is None else ref.to(ev.device), ev.batch_size,
+                                     on_cell=on_cell)
+    finally:
+        model.train(was_training)
+    metrics = {f"{row}@{level}/{m}": v for row, cells in table.items()
+               for level, cell in cells.items() for m, v in cell.items()}
+    return {"metrics": metrics, "table": table,
+            "details": {"data": str(data), "num_images": len(images),
+                        "reference": reference if isinstance(reference, str) else None}}

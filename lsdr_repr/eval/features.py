@@ -1,0 +1,189 @@
+"""Images of a shard spec or ImageFolder as the centre view at the train input size, and their
+embeddings by a frozen backbone.
+
+Images are read with the finite eval reader (`data_pipelines.reader.make_eval_loader`; a plain
+ImageFolder tree works too), resized to R, normalised with the run's mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipelines.writer import is_image_folder
+from lsdr_repr.errors import DataError, LsdrError
+
+
+@dataclass
+class Features:
+    x: torch.Tensor  # [N, F] float32, CPU
+    y: torch.Tensor  # [N] int64 (-1: unlabelled)
+    skipped: int = 0  # samples the reader could not decode
+
+    def labelled(self, what: str) -> Features:
+        """Self, or a `DataError` naming `what` if any sample lacks a label."""
+        if len(self.y) == 0:
+            raise DataError(f"{what}: no images were read")
+        missing = int((self.y < 0).sum())
+        if missing:
+            raise DataError(f"{what}: {missing} of {len(self.y)} samples have no label (cls)")
+        return self
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def iter_images(
+    data: str | Path,
+    image_size: int,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(uint8 images [B,3,S,S], labels [B], skipped) of a shard spec or ImageFolder, in order;
+    with `world_size` > 1 this rank's share (over all ranks, every image exactly once)."""
+    if is_image_folder(data):
+        yield from _iter_image_folder(Path(data), image_size, batch_size, num_workers, rank,
+                                      world_size)
+        return
+    from data_pipelines.reader import make_eval_loader
+
+    loader = make_eval_loader(str(data), image_size, batch_size, num_workers, rank, world_size)
+    for batch in loader:
+        yield batch.images, batch.labels, int(batch.skipped)
+
+
+def _image_folder_transform(image_size: int) -> Callable:
+    from torchvision import transforms
+
+    # The eval reader's view: shorter side to S, centre crop S.
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR,
+                          antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.PILToTensor(),
+    ])
+
+
+def _iter_image_folder(
+    root: Path, image_size: int, batch_size: int, num_workers: int, rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        dataset = ImageFolder(str(root), transform=_image_folder_transform(image_size))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{root}: not a readable image folder ({exc})") from None
+    if world_size > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    for images, labels in loader:
+        yield images, labels.long(), 0
+
+
+def normalize_images(
+    images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [B,3,S,S] (or float in [0,1]) -> float [B,3,size,size] normalised with mean/std."""
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    data: str | Path,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 128,
+    num_workers: int = 2,
+    max_samples: int | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Features:
+    """Embeddings [N,F] and labels [N] of every image in `data` (centre view at image_size).
+
+    The backbone is put in eval mode for the pass and given back in the mode it was in.
+    `progress`: a tqdm bar on stderr (images; the total when a manifest or folder tells it).
+    `rank`/`world_size`: this rank's share only (`max_samples` then caps the share), which may
+    be empty: the caller gathers the shares.
+    """
+    from lsdr_repr.tracking import progress_bar
+
+    device = resolve_device(device)
+    was_training = backbone.training
+    backbone.eval()
+    xs, ys, skipped, seen = [], [], 0, 0
+    total = count_images(data) if progress else None
+    if total is not None and max_samples is not None:
+        total = min(total, max_samples)
+    try:
+        with progress_bar(total, f"features of {data}", "img", progress) as bar:
+            for images, labels, skip in iter_images(data, image_size, batch_size, num_workers,
+                                                    rank, world_size):
+                skipped += skip
+                if max_samples is not None:
+                    images, labels = images[:max_samples - seen], labels[:max_samples - seen]
+                x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
+                xs.append(backbone(x).float().cpu())
+                ys.append(labels.long().cpu())
+                seen += len(labels)
+                bar.update(len(labels))
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        backbone.train(was_training)
+    if not xs:
+        if world_size == 1:
+            raise DataError(f"{data}: no images were read")
+        return Features(torch.empty(0, int(backbone.num_features)),
+                        torch.empty(0, dtype=torch.long), skipped)
+    return Features(torch.cat(xs), torch.cat(ys), skipped)
+
+
+def count_images(data: str | Path) -> int | None:
+    """How many images `data` holds, if that is cheap to know (a manifest, a local folder);
+    None otherwise (the bar then counts without a total)."""
+    try:
+        if is_image_folder(data):
+            return sum(1 for p in Path(data).rglob("*") if p.is_file())
+        from data_pipelines.sources import resolve_source
+
+        counts = [resolve_source(part).manifest for part in str(data).split("::")]
+        return sum(m.num_samples for m in counts) if all(counts) else None
+    except (OSError, LsdrError):
+        return None
+
+
+def load_images01(data: str | Path, image_size: int, max_images: int,
+                  batch_size: int = 128, num_workers: int = 2) -> torch.Tensor:
+    """The first `max_images` images of `data` as float [N,3,S,S] in [0,1]."""
+    chunks, seen = [], 0
+    for images, _, _ in iter_images(data, image_size, batch_size, num_workers):
+        chunks.append(images[:max_images - seen])
+        seen += len(chunks[-1])
+        if seen >= max_images:
+            break
+    if not chunks:
+        raise DataError(f"{data}: no images were read")
+    return torch.cat(chunks).float().div(255.0)
