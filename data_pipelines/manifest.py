@@ -12,7 +12,6 @@ entry points the rest of the project uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -188,11 +187,3 @@ def read_manifest(shards: str | os.PathLike) -> Manifest:
         raise DataError(f"{where}: no shard manifest describes {shards} (`lsdr shards index` "
                         f"writes one)")
     return manifest
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipelines.manifest import MANIFEST_NAME, load_manifest_file, sha256_file
+from data_pipelines.manifest import MANIFEST_NAME, load_manifest_file
 from data_pipelines.writer import write_shards
 from lsdr_repr.errors import DataError
+from lsdr_repr.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from webdataset.tariterators import base_plus_ext
 from data_pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image, pixel_limit
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest_file
 from lsdr_repr.errors import DataError
+from lsdr_repr.files import sha256_file
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -130,16 +130,11 @@ def _check_shard(job: tuple[str, ShardInfo, bool, int]) -> ShardCheck:
             check.problems.append(text)
 
     try:
-        sha = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                sha.update(block)
-                size += len(block)
+        digest, size = sha256_file(path), os.path.getsize(path)
     except OSError as exc:
         problem(f"cannot read the shard ({exc.strerror or exc})")
         return check
-    check.sha256_ok = sha.hexdigest() == info.sha256
+    check.sha256_ok = digest == info.sha256
     if not check.sha256_ok:
         problem(f"sha256 differs from the manifest ({size} bytes, manifest says {info.bytes})")
     with pixel_limit(max_pixels):

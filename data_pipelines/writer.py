@@ -47,12 +47,12 @@ from data_pipelines.manifest import (
     SHARD_RE,
     Manifest,
     ShardInfo,
-    sha256_file,
     write_json_atomic,
     write_manifest,
 )
 from lsdr_repr import __version__
 from lsdr_repr.errors import DataError
+from lsdr_repr.files import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ class ShardTarWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent, "the shard rename")
         return self._hashing.sha.hexdigest(), self._hashing.pos
 
     def abort(self) -> None:
@@ -397,19 +397,6 @@ class ShardTarWriter:
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -------------------------------------------------------------------------------------- write

@@ -21,12 +21,10 @@ removed, the earlier checkpoints are untouched, and a one-line `CheckpointError`
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 import random
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -35,11 +33,14 @@ import numpy as np
 import torch
 
 from lsdr_repr.errors import CheckpointError
+from lsdr_repr.files import fsync_dir, sha256_file
+from lsdr_repr.rundir import checkpoint_dir, checkpoint_path, list_checkpoints
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# The contract of a training checkpoint (CONTRACTS.md); values may be None (e.g. no GradScaler).
+# What every training checkpoint holds (the trainer writes them, resume and lsdr_repr.backbone
+# read them); values may be None (e.g. no GradScaler).
 REQUIRED_KEYS = (
     "format_version", "step", "samples_seen", "model", "optimizer", "scheduler", "scaler",
     "rng", "data_state", "config", "world_size", "wandb_run_id",
@@ -47,22 +48,11 @@ REQUIRED_KEYS = (
 # What is needed to rebuild the model alone (export, evaluation): pass as `required=`.
 MODEL_KEYS = ("format_version", "step", "model", "config")
 
-CHECKPOINT_DIR = "checkpoints"
-_STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 _HASH_SUFFIX = ".sha256"
 _TMP_SUFFIX = ".tmp"
-_READ_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------- paths
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
-
-
 def hash_path(path: Path) -> Path:
     """The sha256 sidecar of a checkpoint file."""
     return path.with_name(path.name + _HASH_SUFFIX)
@@ -71,19 +61,6 @@ def hash_path(path: Path) -> Path:
 def temp_path(path: Path) -> Path:
     """Where `path` is written before it is renamed into place (hidden, so no glob matches it)."""
     return path.with_name(f".{path.name}{_TMP_SUFFIX}")
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every `step-*.pt` file in RUN_DIR/checkpoints, oldest first."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for entry in folder.iterdir():
-        match = _STEP_FILE.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -143,7 +120,7 @@ class CheckpointWriter:
         finally:
             _remove_quietly(tmp)
             _remove_quietly(tmp_hash)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder, "the checkpoint rename")
 
     def _failure_line(self, final: Path, reason: str) -> str:
         previous = [p for _, p in list_checkpoints(self.run_dir) if p != final]
@@ -257,22 +234,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         raise _WriteFailed(_describe(exc)) from exc
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable; some network file systems cannot fsync a directory."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as exc:
-        log.warning("could not open %s to make the checkpoint rename durable: %s", folder, exc)
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            log.warning("fsync of %s failed (%s): the last rename may not be durable", folder, exc)
-    finally:
-        os.close(fd)
-
-
 def _remove_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -326,7 +287,7 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS)
         except (OSError, IndexError):
             message = f"{path}: its checksum file {sidecar.name} is unreadable"
             raise CheckpointError(message) from None
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(
                 f"{path}: sha256 mismatch (file {actual[:12]}..., recorded {expected[:12]}...): "
@@ -399,14 +360,6 @@ def find_latest_valid(run_dir: str | Path) -> Path | None:
 def _strip_path(message: str, path: Path) -> str:
     prefix = f"{path}: "
     return message.removeprefix(prefix)
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 # -------------------------------------------------------------------------------------- RNG

@@ -186,12 +186,12 @@ LAYER_DECORRELATION = {
 
 
 class LSDRLoss(nn.Module):
-    """LSDR (DESIGN.md): inv_w * invariance + var_w * variance + dec_w * decorrelation
+    """LSDR (README, "The objective"): inv_w * invariance + var_w * variance + dec_w * decorrelation
     + sum_k w_k * layer_decorrelation(stage k) + sum_k u_k * layer_invariance(stage k)
     + sum_k r_k * layer_variance(stage k).
 
     invariance: mean over view pairs of the MSE; variance and decorrelation: mean over views of
-    the per-view term, with the biased (1/N) statistics of DESIGN.md; stage terms: the
+    the per-view term, with the biased (1/N) statistics of the formulas; stage terms: the
     decorrelation on each pooled stage, mean over views, on the raw covariance
     (layer_decorrelation="covariance") or on batch-standardised features ("correlation", which
     a network cannot meet by shrinking the stage); layer invariance (option, weights u_k, empty =

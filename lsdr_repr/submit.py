@@ -38,11 +38,10 @@ from pathlib import Path
 from lsdr_repr.config import Config, check_required, dump_config, load_config
 from lsdr_repr.errors import ConfigError, SubmitError
 from lsdr_repr.preemption import EXIT_PREEMPTED
+from lsdr_repr.rundir import CONFIG_FILE, METRICS_FILE, list_checkpoints
 
 JOBS_FILE = "slurm_jobs.txt"  # one line per job: JOBID <tab> submitted-at <tab> how
 SCRIPT_FILE = "train.sbatch"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 # SLURM job states after which a job does nothing more (PREEMPTED jobs that SLURM requeues
 # show up as PENDING again, so PREEMPTED here means "not requeued").
 TERMINAL_STATES = frozenset({
@@ -366,7 +365,7 @@ def _progress(run_dir: Path, jobs: list[JobInfo]) -> RunStatus:
         except ConfigError:  # a hand-edited config must not break the status line
             status.total_steps = None
     _read_progress(status, _metrics_records(run_dir / METRICS_FILE))
-    status.checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    status.checkpoints = [p.name for _, p in list_checkpoints(run_dir)]
     status.wandb_sync = wandb_sync_command(run_dir)
     return status
 

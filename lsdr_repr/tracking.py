@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lsdr_repr.errors import ConfigError
+from lsdr_repr.rundir import METRICS_FILE
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 _MODE_ALIASES = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online",

@@ -22,6 +22,7 @@ from torch import nn
 from lsdr_repr import distributed as dist
 from lsdr_repr.augment import build_augment
 from lsdr_repr.checkpoint import (
+    FORMAT_VERSION,
     capture_rng_state,
     find_latest_valid,
     load_resume_state,
@@ -35,6 +36,7 @@ from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
 from lsdr_repr.prefetch import Prefetcher
+from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.tracking import Progress, make_tracker
 
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EXIT_DIVERGED", "EXIT_OK", "EXIT_PREEMPTED", "TrainResult", "Trainer", "train"]
 
 
-CHECKPOINT_FORMAT_VERSION = 1
 # Config values the learning-rate schedule is built from: when a resume changes one, the schedule
 # is rebuilt from the current config instead of restored (see `Trainer._restore`).
 SCHEDULE_KEYS = (
@@ -259,7 +260,7 @@ class Trainer:
         self.config_dict = config_to_dict(cfg)
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+            dump_config(cfg, self.run_dir / CONFIG_FILE)
         self.writer = make_checkpoint_writer(self.run_dir, cfg.train.keep_checkpoints, self.rank)
         self.tracker = make_tracker(
             cfg.log, self.config_dict, self.run_dir, self.rank, run_id=self.wandb_run_id
@@ -323,7 +324,7 @@ class Trainer:
         rngs = dist.gather_objects(rng)
         data_states = dist.gather_objects(data_state)
         return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "step": self.step,
             "samples_seen": self.step * self.global_batch,
             "model": self.model.state_dict(),

@@ -30,10 +30,8 @@ from lsdr_repr.checkpoint import (
     CheckpointWriter,
     NullCheckpointWriter,
     capture_rng_state,
-    checkpoint_path,
     find_latest_valid,
     hash_path,
-    list_checkpoints,
     load_checkpoint,
     load_latest,
     make_checkpoint_writer,
@@ -41,6 +39,7 @@ from lsdr_repr.checkpoint import (
     temp_path,
 )
 from lsdr_repr.errors import CheckpointError
+from lsdr_repr.rundir import checkpoint_path, list_checkpoints
 
 
 # ------------------------------------------------------------------------------ a tiny trainer

@@ -1,4 +1,4 @@
-"""The import direction of the package (DESIGN.md): data -> augment -> model -> objective ->
+"""The import direction of the package (README, "Layout"): data -> augment -> model -> objective ->
 trainer; backbone, export and evaluation beside the trainer, the CLI on top."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def _rand(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
 
 # ------------------------------------------------- float64 re-derivations from the formulas
 def _np_cov(z: np.ndarray) -> np.ndarray:
-    """Cov(z_i, z_j) = E[z_i z_j] - E[z_i] E[z_j], written out with loops (DESIGN.md)."""
+    """Cov(z_i, z_j) = E[z_i z_j] - E[z_i] E[z_j], written out with loops (the README formula)."""
     n, d = z.shape
     out = np.zeros((d, d))
     for i in range(d):

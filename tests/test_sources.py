@@ -26,7 +26,7 @@ from webdataset import TarWriter
 
 from data_pipelines.images import decode_to_square
 from data_pipelines.index import build_index
-from data_pipelines.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.reader import (
     make_eval_loader,
     make_train_loader,
@@ -38,6 +38,7 @@ from data_pipelines.verify import verify_shards
 from lsdr_repr.cli import main
 from lsdr_repr.config import DataConfig, SourceConfig
 from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.files import sha256_file
 
 SIZE = 16  # decode side of the tests' loaders
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}

@@ -24,8 +24,8 @@ from wandb_history import (
 
 from lsdr_repr.config import LogConfig, WandbConfig
 from lsdr_repr.errors import ConfigError
+from lsdr_repr.rundir import METRICS_FILE
 from lsdr_repr.tracking import (
-    METRICS_FILE,
     RUN_ID_FILE,
     NullTracker,
     Progress,

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.verify import verify_shards
 from data_pipelines.writer import write_shards
 from lsdr_repr.cli import main as lsdr_main
 from lsdr_repr.errors import DataError
+from lsdr_repr.files import sha256_file
 
 
 @pytest.fixture

@@ -18,10 +18,11 @@ import pytest
 from conftest import png_bomb_header, save_image
 from PIL import Image, ImageOps
 
-from data_pipelines.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from data_pipelines.manifest import MANIFEST_NAME, read_manifest
 from data_pipelines.writer import parse_size, plan_shards, scan_source, write_shards
 from lsdr_repr.cli import main as lsdr_main
 from lsdr_repr.errors import DataError
+from lsdr_repr.files import sha256_file
 
 
 def tar_members(path: Path) -> dict[str, bytes]:
