@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from lsdr_repr.augment import build_augment
 from lsdr_repr.augment_ops import DEFAULT_IMPL, STAGES
+from lsdr_repr.builders.augment import build_augment
 from lsdr_repr.config import AugmentConfig, config_from_dict
 
 

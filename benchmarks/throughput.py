@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     from lsdr_repr import distributed as dist
-    from lsdr_repr.augment import build_augment
+    from lsdr_repr.builders.augment import build_augment
     from lsdr_repr.train import Trainer
 
     out = Path(args.out)

@@ -101,8 +101,8 @@ def load_trained_backbone(source: str | Path) -> TrainedBackbone:
     if Path(source).is_dir() and is_export_dir(source):
         return _load_export_dir(Path(source))
 
+    from lsdr_repr.builders.model import build_model
     from lsdr_repr.config import config_from_dict
-    from lsdr_repr.models import build_model
 
     ckpt_path, run_dir, ckpt = read_checkpoint(source)
     try:
@@ -153,7 +153,7 @@ def random_backbone(trained: TrainedBackbone, seed: int = 0) -> nn.Module:
     """The same architecture at random initialisation (the baseline a probe should beat)."""
     import timm
 
-    from lsdr_repr.models import build_model
+    from lsdr_repr.builders.model import build_model
 
     # A seeded initialisation that leaves the caller's random state as it was.
     with torch.random.fork_rng(devices=[]):

@@ -5,12 +5,15 @@ stay the same under lighting, rotation and scale. An invariance term between the
 image and a variance term against collapse, combined with decorrelation regularisation (the
 squared off-diagonal covariance of the embedding, also applied layer-wise on pooled stages).
 
-    loss_fn = build_objective(cfg.objective, stages=cfg.model.stages)
+    loss_fn = LSDRLoss(layer_weights=[1.0], gather=all_gather_with_grad)  # or, from a config,
+    loss_fn = build_objective(cfg.objective, stages=cfg.model.stages)      # lsdr_repr.builders
     out = loss_fn([z1, z2], [stages1, stages2])   # LossOutput(total, terms)
 
-The loss modules hold only coefficients. They compute in float32 (autocast off, inputs cast up),
-and under DDP on the global batch: every view is all-gathered with gradient first, so the loss and
-its gradient do not change with the number of processes at a fixed global batch.
+The loss modules hold only coefficients and the gather function they are given; this module
+imports neither the config nor `distributed`. They compute in float32 (autocast off, inputs
+cast up), and under DDP on the global batch: every view goes through the injected all-gather
+with gradient first, so the loss and its gradient do not change with the number of processes at
+a fixed global batch.
 """
 
 from __future__ import annotations
@@ -24,10 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from lsdr_repr.config import ObjectiveConfig
-from lsdr_repr.distributed import all_gather_with_grad
-from lsdr_repr.errors import ConfigError
 
 
 @dataclass
@@ -153,11 +152,21 @@ def _float32(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _global(z: Tensor) -> Tensor:
+# How a loss turns one rank's [N, D] into the global batch's [N_global, D], differentiably:
+# `lsdr_repr.distributed.all_gather_with_grad` under DDP (the builder injects it), else the
+# identity. The statistics are then over the global batch whatever the number of GPUs.
+Gather = Callable[[Tensor], Tensor]
+
+
+def _no_gather(z: Tensor) -> Tensor:
+    return z
+
+
+def _global(z: Tensor, gather: Gather) -> Tensor:
     """Cast up to float32 (float64 stays, for gradcheck) and gather the global batch."""
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
-    return all_gather_with_grad(z)
+    return gather(z)
 
 
 def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) -> Tensor:
@@ -167,8 +176,8 @@ def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) 
 
 def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = None) -> None:
     if exact is not None and len(projections) != exact:
-        raise ConfigError(f"objective.name={name} is defined for {exact} views, got "
-                          f"{len(projections)} (multi-crop needs objective.name=lsdr)")
+        raise ValueError(f"objective.name={name} is defined for {exact} views, got "
+                         f"{len(projections)} (multi-crop needs objective.name=lsdr)")
     if len(projections) < 2:
         raise ValueError(f"{name}: needs at least two views, got {len(projections)}")
     shape = projections[0].shape
@@ -177,6 +186,10 @@ def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = N
             raise ValueError(f"{name}: every view must be [N, D] of one shape, got "
                              f"{[tuple(p.shape) for p in projections]}")
 
+
+# The objectives by `objective.name`; the baselines are defined for two views only.
+OBJECTIVES = ("lsdr", "vicreg", "barlow")
+TWO_VIEW_OBJECTIVES = ("vicreg", "barlow")
 
 # How the layer-wise decorrelation measures a stage (objective.layer_decorrelation).
 LAYER_DECORRELATION = {
@@ -214,11 +227,13 @@ class LSDRLoss(nn.Module):
         layer_decorrelation: str = "covariance",
         layer_invariance_weights: Sequence[float] = (),
         layer_variance_weights: Sequence[float] = (),
+        gather: Gather = _no_gather,
     ) -> None:
         super().__init__()
         if layer_decorrelation not in LAYER_DECORRELATION:
-            raise ConfigError(f"objective.layer_decorrelation: expected one of "
-                              f"{' | '.join(LAYER_DECORRELATION)}, got {layer_decorrelation!r}")
+            raise ValueError(f"objective.layer_decorrelation: expected one of "
+                             f"{' | '.join(LAYER_DECORRELATION)}, got {layer_decorrelation!r}")
+        self.gather = gather
         self.layer_decorrelation = layer_decorrelation
         self.layer_invariance_weights = list(layer_invariance_weights)
         self.layer_variance_weights = list(layer_variance_weights)
@@ -226,9 +241,9 @@ class LSDRLoss(nn.Module):
         for key, weights in (("layer_invariance_weights", self.layer_invariance_weights),
                              ("layer_variance_weights", self.layer_variance_weights)):
             if weights and len(weights) != len(self.layer_weights):
-                raise ConfigError(f"objective.{key} has {len(weights)} entries but "
-                                  f"objective.layer_weights has {len(self.layer_weights)}: give "
-                                  f"one per stage (or none)")
+                raise ValueError(f"objective.{key} has {len(weights)} entries but "
+                                 f"objective.layer_weights has {len(self.layer_weights)}: give "
+                                 f"one per stage (or none)")
         self.invariance_weight = invariance_weight
         self.variance_weight = variance_weight
         self.decorrelation_weight = decorrelation_weight
@@ -258,13 +273,13 @@ class LSDRLoss(nn.Module):
         per_view = [list(s) for s in stages] if stages else []
         num_stages = len(per_view[0]) if per_view else 0
         if num_stages != len(self.layer_weights):
-            raise ConfigError(f"objective.layer_weights has {len(self.layer_weights)} entries but "
-                              f"the model gives {num_stages} stages (model.stages)")
+            raise ValueError(f"objective.layer_weights has {len(self.layer_weights)} entries but "
+                             f"the model gives {num_stages} stages (model.stages)")
         if per_view and (len(per_view) != len(projections)
                          or any(len(v) != num_stages for v in per_view)):
             raise ValueError("lsdr: stages must hold the same number of stages for every view")
         with _float32(projections[0].device):
-            zs = [_global(z) for z in projections]
+            zs = [_global(z, self.gather) for z in projections]
             inv = invariance_loss(zs)
             var = _mean_over_views(lambda z: variance_loss(z, self.gamma, self.eps), zs)
             dec = _mean_over_views(decorrelation_loss, zs)
@@ -273,7 +288,7 @@ class LSDRLoss(nn.Module):
             terms = {"invariance": inv, "variance": var, "decorrelation": dec}
             stage_terms = self._stage_terms()
             for k, label in zip(range(len(self.layer_weights)), self.stage_labels):
-                hs = [_global(v[k]) for v in per_view]
+                hs = [_global(v[k], self.gather) for v in per_view]
                 for name, weights, term in stage_terms:
                     value = term(hs)
                     total = total + weights[k] * value
@@ -289,8 +304,9 @@ class VICRegLoss(nn.Module):
     its DDP-averaged gradient is the same)."""
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 gamma: float = 1.0, eps: float = 1e-4) -> None:
+                 gamma: float = 1.0, eps: float = 1e-4, gather: Gather = _no_gather) -> None:
         super().__init__()
+        self.gather = gather
         self.sim_coeff = sim_coeff
         self.std_coeff = std_coeff
         self.cov_coeff = cov_coeff
@@ -303,7 +319,7 @@ class VICRegLoss(nn.Module):
         """projections: 2 x [N, D]; stages are not used by VICReg."""
         _check_views(projections, "vicreg", exact=2)
         with _float32(projections[0].device):
-            x, y = (_global(z) for z in projections)
+            x, y = (_global(z, self.gather) for z in projections)
             sim = F.mse_loss(x, y)
             std = (variance_loss(x, self.gamma, self.eps, correction=1) / 2
                    + variance_loss(y, self.gamma, self.eps, correction=1) / 2)
@@ -318,8 +334,9 @@ class BarlowTwinsLoss(nn.Module):
     code without the early `scale-loss` 1/32 factor): c = bn(z1)^T bn(z2) / N with an affine-free
     BatchNorm over the global batch, loss = sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2."""
 
-    def __init__(self, lambd: float = 0.0051) -> None:
+    def __init__(self, lambd: float = 0.0051, gather: Gather = _no_gather) -> None:
         super().__init__()
+        self.gather = gather
         self.lambd = lambd
 
     def forward(
@@ -328,52 +345,13 @@ class BarlowTwinsLoss(nn.Module):
         """projections: 2 x [N, D]; stages are not used by Barlow Twins."""
         _check_views(projections, "barlow", exact=2)
         with _float32(projections[0].device):
-            z1, z2 = (_global(z) for z in projections)
+            z1, z2 = (_global(z, self.gather) for z in projections)
             c = cross_correlation(z1, z2)
             on_diag = (torch.diagonal(c) - 1).pow(2).sum()
             off_diag = off_diagonal_sq_sum(c)
             total = on_diag + self.lambd * off_diag
         terms = {"on_diagonal": on_diag, "off_diagonal": off_diag}
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
-
-
-def build_objective(objective_cfg: ObjectiveConfig, stages: Sequence[int] | None = None) -> nn.Module:
-    """The loss module for objective_cfg.name. With `stages` (model.stages) the layer weights are
-    checked now and the stage terms are named after the stage indices."""
-    name = objective_cfg.name
-    if name == "lsdr":
-        weights = list(objective_cfg.layer_weights)
-        if stages is not None and len(stages) != len(weights):
-            raise ConfigError(f"objective.layer_weights has {len(weights)} entries but "
-                              f"model.stages has {len(stages)}: give one weight per stage")
-        return LSDRLoss(
-            invariance_weight=objective_cfg.invariance_weight,
-            variance_weight=objective_cfg.variance_weight,
-            decorrelation_weight=objective_cfg.decorrelation_weight,
-            gamma=objective_cfg.gamma,
-            eps=objective_cfg.eps,
-            layer_weights=weights,
-            stage_labels=list(stages) if stages is not None else None,
-            layer_decorrelation=objective_cfg.layer_decorrelation,
-            layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
-            layer_variance_weights=list(objective_cfg.layer_variance_weights),
-        )
-    if (objective_cfg.layer_weights or objective_cfg.layer_invariance_weights
-            or objective_cfg.layer_variance_weights):
-        raise ConfigError(f"objective.layer_weights, layer_invariance_weights and "
-                          f"layer_variance_weights are only used by objective.name=lsdr, not "
-                          f"{name}")
-    if name == "vicreg":
-        return VICRegLoss(
-            sim_coeff=objective_cfg.invariance_weight,
-            std_coeff=objective_cfg.variance_weight,
-            cov_coeff=objective_cfg.decorrelation_weight,
-            gamma=objective_cfg.gamma,
-            eps=objective_cfg.eps,
-        )
-    if name == "barlow":
-        return BarlowTwinsLoss(lambd=objective_cfg.barlow_lambda)
-    raise ConfigError(f"objective.name: unknown objective '{name}' (known: lsdr, vicreg, barlow)")
 
 
 # ------------------------------------------------------------------------------ diagnostics

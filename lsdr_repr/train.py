@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from lsdr_repr import distributed as dist
-from lsdr_repr.augment import build_augment
+from lsdr_repr.builders.augment import build_augment
+from lsdr_repr.builders.model import build_model
+from lsdr_repr.builders.objective import build_objective
 from lsdr_repr.checkpoint import (
     FORMAT_VERSION,
     capture_rng_state,
@@ -31,8 +33,7 @@ from lsdr_repr.checkpoint import (
 )
 from lsdr_repr.config import Config, config_to_dict, dump_config
 from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
-from lsdr_repr.models import build_model
-from lsdr_repr.objectives import build_objective, covariance_spectrum, embedding_diagnostics
+from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
 from lsdr_repr.prefetch import Prefetcher
@@ -212,7 +213,9 @@ class Trainer:
             self.multiview = nn.parallel.DistributedDataParallel(
                 self.multiview, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages).to(device)
+        self.loss_fn = build_objective(
+            cfg.objective, stages=cfg.model.stages,
+            num_views=cfg.augment.num_views + cfg.augment.local_crops).to(device)
         self.augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
         # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
         self.aug_generator = torch.Generator(device=device)

@@ -17,7 +17,6 @@ from lsdr_repr.augment import (
     NUM_UNIFORMS,
     ViewParams,
     _view_graph,
-    build_augment,
 )
 from lsdr_repr.augment_ops import (
     LUMA,
@@ -32,8 +31,9 @@ from lsdr_repr.augment_ops import (
     saturation_matrix,
     to_float01,
 )
+from lsdr_repr.builders.augment import build_augment
 from lsdr_repr.config import AUGMENT_PRESETS, AugmentConfig, config_from_dict
-from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 LUMA_T = torch.tensor(LUMA)
@@ -111,7 +111,7 @@ def test_channels_last_layout_on_request_and_on_cuda():
     half = render(to_float01(x), *p.tensors()[:ViewParams.RENDERED], blur_dtype=torch.float16,
                   channels_last=True, **kw)
     assert half.dtype == torch.float32 and half.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(half, views[0], atol=2e-3 / min(aug.cfg.std), rtol=0)
+    torch.testing.assert_close(half, views[0], atol=2e-3 / float(aug.std.min()), rtol=0)
     if not torch.cuda.is_available():
         pytest.skip("channels_last by default is a CUDA-only behaviour; no GPU here")
     views = build_augment(cfg)(x.cuda())
@@ -370,11 +370,12 @@ def test_bad_config_raises_one_line_config_error(augment, message):
         build_augment(make_cfg(**augment))
 
 
-def test_bad_images_raise_data_error():
+def test_bad_images_raise_value_error():
+    """The reader hands the augmentation uint8 [B,3,S,S]: anything else is a caller's bug."""
     aug = build_augment(make_cfg(crop_size=8))
-    with pytest.raises(DataError, match=r"expected images \[B,3,S,S\], got \(2, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"expected images \[B,3,S,S\], got \(2, 1, 8, 8\)"):
         aug(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
-    with pytest.raises(DataError, match="int64"):
+    with pytest.raises(ValueError, match="int64"):
         aug(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
 
 

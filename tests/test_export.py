@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from lsdr_repr import export
 from lsdr_repr.backbone import load_trained_backbone
+from lsdr_repr.builders.model import build_model
 from lsdr_repr.checkpoint import CheckpointWriter, capture_rng_state
 from lsdr_repr.cli import main
 from lsdr_repr.config import IMAGENET_MEAN, config_from_dict, config_to_dict
 from lsdr_repr.errors import CheckpointError, ConfigError
-from lsdr_repr.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = (0.5, 0.4, 0.3)

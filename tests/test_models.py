@@ -7,10 +7,11 @@ import timm
 import torch
 from torch import nn
 
+from lsdr_repr.builders.model import build_model
+from lsdr_repr.builders.objective import build_objective
 from lsdr_repr.config import ModelConfig, ObjectiveConfig
 from lsdr_repr.errors import ConfigError
-from lsdr_repr.models import ModelOutput, build_model, build_projector
-from lsdr_repr.objectives import build_objective
+from lsdr_repr.models import ModelOutput, build_projector
 
 VIT = {"arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": 32, "patch_size": 8}}
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsdr_repr.builders.objective import build_objective
 from lsdr_repr.config import ObjectiveConfig
 from lsdr_repr.errors import ConfigError
 from lsdr_repr.objectives import (
@@ -20,7 +21,6 @@ from lsdr_repr.objectives import (
     LSDRLoss,
     VICRegLoss,
     batch_standardize,
-    build_objective,
     correlation_decorrelation_loss,
     covariance,
     covariance_spectrum,
@@ -221,7 +221,9 @@ def test_lsdr_correlation_stages_and_layer_invariance():
 
 def test_layer_option_errors():
     with pytest.raises(ConfigError, match="layer_decorrelation: expected one of"):
-        LSDRLoss(layer_decorrelation="whitening")
+        build_objective(ObjectiveConfig(layer_decorrelation="whitening"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layer_decorrelation: expected one of"):
+        LSDRLoss(layer_decorrelation="whitening")  # the module itself: a programming error
     with pytest.raises(ConfigError, match="layer_invariance_weights has 1 entries but "
                                           "objective.layer_weights has 2"):
         build_objective(ObjectiveConfig(layer_weights=[1.0, 1.0], layer_invariance_weights=[1.0]))
@@ -241,11 +243,14 @@ def test_layer_weights_must_match_stages():
         build_objective(cfg, stages=[1, 2])
     loss_fn = build_objective(cfg)
     z = [_rand(8, 4, seed=i) for i in range(2)]
-    with pytest.raises(ConfigError, match="layer_weights has 1 entries but the model gives 0"):
+    # a mismatch found in forward is the caller's bug (the builder checked the config): ValueError
+    with pytest.raises(ValueError, match="layer_weights has 1 entries but the model gives 0"):
         loss_fn(z, [[], []])
     with pytest.raises(ConfigError, match="layer_weights"):
         build_objective(ObjectiveConfig(name="vicreg", layer_weights=[1.0]))
     with pytest.raises(ConfigError, match="vicreg is defined for 2 views, got 3"):
+        build_objective(ObjectiveConfig(name="vicreg"), num_views=3)
+    with pytest.raises(ValueError, match="vicreg is defined for 2 views, got 3"):
         build_objective(ObjectiveConfig(name="vicreg"))([*z, z[0]])
     with pytest.raises(ConfigError, match="unknown objective 'simclr'"):
         build_objective(ObjectiveConfig(name="simclr"))  # type: ignore[arg-type]
@@ -378,10 +383,13 @@ class _TinyNet(nn.Module):
 
 
 def _objectives() -> dict[str, nn.Module]:
+    """The losses with the all-gather injected (the identity in one process)."""
+    from lsdr_repr.distributed import all_gather_with_grad as gather
+
     return {
-        "lsdr": LSDRLoss(25.0, 25.0, 1.0, gamma=1.0, layer_weights=[0.5]),
-        "vicreg": VICRegLoss(),
-        "barlow": BarlowTwinsLoss(),
+        "lsdr": LSDRLoss(25.0, 25.0, 1.0, gamma=1.0, layer_weights=[0.5], gather=gather),
+        "vicreg": VICRegLoss(gather=gather),
+        "barlow": BarlowTwinsLoss(gather=gather),
     }
 
 
