@@ -352,42 +352,56 @@ def barrier() -> None:
 
 
 # ------------------------------------------------------------------------------ collectives
-class _GatherWithGrad(torch.autograd.Function):
-    """Concatenate every rank's [N, ...] tensor; backward sums each rank's gradient for the slice
-    it contributed (every rank computes the loss on the whole gathered batch, so the gradient
-    of the global loss w.r.t. a rank's inputs is spread over all ranks). After DDP averages the
-    parameter gradients, the result equals one process on the whole batch (as in
-    facebookresearch/vicreg's FullGatherLayer)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        # gloo has no reduce-scatter: sum everything (on a copy: autograd owns `grad`), keep
-        # our slice.
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows].clone()
-
-
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] per rank -> [world_size * N, ...] in rank order, differentiable.
+    """[N, ...] per rank -> [world_size * N, ...] in rank order, differentiable: torch's own
+    `torch.distributed.nn.functional.all_gather`, whose backward sums each rank's gradient for
+    the slice it contributed (every rank computes the loss on the whole gathered batch). After
+    DDP averages the parameter gradients the result equals one process on the whole batch (as
+    facebookresearch/vicreg's FullGatherLayer).
 
     Every rank must pass the same shape. The identity when not distributed."""
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def all_true(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+    """Whether `flag` holds on every rank (a bool, or a 0-d tensor kept on its device until
+    here: one host sync). The same answer on every rank; `flag` itself when alone."""
+    return not any_true(_not(flag), device)
+
+
+def any_true(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+    """Whether `flag` holds on any rank (e.g. one saw the preemption signal): the same answer on
+    every rank, so they all stop at the same step."""
+    if not is_distributed():
+        return bool(flag)
+    t = _as_float(flag, device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_sum(x: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sum over ranks of `x` (a number or a tensor), as a new tensor; a copy when alone."""
+    t = (x.detach().clone() if isinstance(x, torch.Tensor)
+         else torch.tensor(float(x), device=device))
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _not(flag: bool | torch.Tensor) -> bool | torch.Tensor:
+    return ~flag.bool() if isinstance(flag, torch.Tensor) else not flag
+
+
+def _as_float(flag: bool | torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """A float tensor for the collective (NCCL reduces float, not bool), on the flag's device
+    or `device` (NCCL needs the rank's GPU)."""
+    if isinstance(flag, torch.Tensor):
+        return flag.detach().float().reshape(1)
+    return torch.tensor([1.0 if flag else 0.0], device=device)
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

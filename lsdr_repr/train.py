@@ -554,18 +554,12 @@ class Trainer:
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw the preemption signal (they stop at the same step)."""
-        if self.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return dist.any_true(flag, self.device)
 
     def _metrics(self, loss: torch.Tensor, out, samples_per_s: float, wait_frac: float) -> dict:
         metrics = {f"loss/{k}": float(v) for k, v in out.terms.items()}
         metrics["loss/total"] = float(loss)
-        skipped = torch.tensor([float(self.skipped_samples)], device=self.device)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(skipped)
+        skipped = dist.all_sum(self.skipped_samples, self.device)
         metrics.update({
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": samples_per_s,

@@ -14,6 +14,9 @@ from lsdr_repr.distributed import (
     all_gather_cat,
     all_gather_with_grad,
     all_reduce_mean,
+    all_sum,
+    all_true,
+    any_true,
     barrier,
     broadcast_object,
     expand_nodelist,
@@ -108,6 +111,8 @@ def test_single_process_helpers_are_identities():
     assert not is_distributed() and get_rank() == 0 and get_world_size() == 1
     assert all_gather_with_grad(x) is x
     assert all_gather_cat(x) is x
+    assert all_true(True) and not all_true(torch.tensor(False)) and any_true(torch.tensor(True))
+    assert float(all_sum(3)) == 3.0
     assert torch.equal(all_reduce_mean(x), x)
     assert broadcast_object({"a": 1}) == {"a": 1}
     assert gather_objects(3) == [3]
@@ -149,6 +154,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
     (gathered * weights).sum().backward()
     out["gathered"] = gathered.detach()
     out["grad"] = x.grad
+    out["flags"] = (d.all_true(rank == 0), d.all_true(torch.tensor(True)),
+                    d.any_true(rank == 1), d.any_true(False))
+    out["sum"] = float(d.all_sum(rank + 1))
     out["cat"] = d.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # shares differ
     out["mean"] = d.all_reduce_mean(torch.tensor([float(rank), 10.0 * rank]))
     out["broadcast"] = d.broadcast_object({"seed": 1234 + rank}, src=1)
@@ -172,6 +180,7 @@ def test_two_gloo_processes(tmp_path):
         # sum over ranks (2x), which DDP's averaging turns back into the one-process gradient
         assert torch.equal(out["grad"], 2 * weights[2 * rank:2 * rank + 2])
         assert torch.equal(out["mean"], torch.tensor([0.5, 5.0]))
+        assert out["flags"] == (False, True, True, False) and out["sum"] == 3.0
         assert torch.equal(out["cat"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
         assert out["broadcast"] == {"seed": 1235}
     assert [o["rank"] for o in outs[0]["gathered_objects"]] == [0, 1]
