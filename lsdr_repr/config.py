@@ -2,8 +2,9 @@
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.1", "data.batch_size=64"])
 
-Every value is checked against its annotation; unknown keys, wrong types and missing required
-values raise one-line `ConfigError`s naming the key and the file. `config_to_dict` gives the plain
+Every value is checked against its annotation (dacite builds the tree); unknown keys, wrong types
+and missing required values raise one-line `ConfigError`s naming the key and the file, or the
+command-line override when that is where the unknown key is. `config_to_dict` gives the plain
 (YAML/JSON-able) form that is saved in checkpoints and logged to W&B; `config_from_dict` turns it back
 into the identical tree.
 """
@@ -14,12 +15,12 @@ import copy
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import dacite
 import yaml
 
 from lsdr_repr.errors import ConfigError
@@ -373,6 +374,7 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> 
             raise ConfigError(f"{source}: override '{item}': YAML reads ' #' as the start of a "
                               f"comment, which would leave {key}={value!r}; quote the value "
                               f"({key}='\"...\"') to keep the '#'")
+        _check_override_key(item, key)
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -381,6 +383,21 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str], source: str) -> 
                 raise ConfigError(f"{source}: override '{key}': '{part}' is not a section")
             node = child
         node[parts[-1]] = value
+
+
+def _check_override_key(item: str, key: str) -> None:
+    """An override naming no config key is refused naming the override, not the file it would
+    have been merged into (the file is not where the typo is)."""
+    cls: Any = Config
+    prefix = ""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return  # below a free-form mapping (model.timm_kwargs) or a value: checked later
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(f"override '{item}': {_unknown_key(prefix, part, names)}")
+        cls = typing.get_type_hints(cls)[part]
+        prefix += part + "."
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
@@ -393,7 +410,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
             known = ", ".join(AUGMENT_PRESETS)
             raise ConfigError(f"{source}: augment.preset: unknown preset '{name}' (known: {known})")
         raw["augment"] = _deep_merge(AUGMENT_PRESETS[name], augment)
-    cfg = _build(Config, raw, "", source)
+    cfg = _build(Config, raw, source)
     _check_values(cfg, source)
     return cfg
 
@@ -459,82 +476,73 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+# The YAML-to-dataclass conversion is dacite's; these hooks keep YAML's scalars honest: a bool
+# is neither an int nor a float (Python says it is both), an int is a float, and YAML 1.1's
+# `1e-4` (no dot), which PyYAML reads as a string, is the float users mean.
+class _Rejected:
+    """A value that fits no annotation, so dacite reports it (with its path) as a wrong type."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _Rejected(value)
+    if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return float(value) if isinstance(value, int) else value
+
+
+def _int(value: Any) -> Any:
+    return _Rejected(value) if isinstance(value, bool) else value
+
+
+_DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={float: _float, int: _int})
+
+
+def _build(cls: type, raw: dict, source: str) -> Any:
+    """`cls` from plain data: our pass for what dacite cannot say in one line (unknown keys with
+    the close names, a value where a section belongs), then dacite's typed construction."""
+    _check_keys(cls, raw, "", source)
+    try:
+        return dacite.from_dict(cls, raw, config=_DACITE)
+    except dacite.WrongTypeError as exc:
+        raise _type_error(exc.field_type, exc.value, exc.field_path, source) from None
+    except dacite.DaciteError as exc:  # a bug in the dataclasses, not in the user's file
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_keys(cls: type, raw: Any, prefix: str, source: str) -> None:
     where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            known = ", ".join(sorted(names))
-            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint} (known here: {known})")
-    kwargs = {}
+            raise ConfigError(f"{source}: {_unknown_key(prefix, str(key), names)}")
+    hints = typing.get_type_hints(cls)
     for name in names & set(raw):
-        kwargs[name] = _convert(hints[name], raw[name], f"{prefix}{name}", source)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[name]):
+            _check_keys(hints[name], raw[name], f"{prefix}{name}.", source)
 
 
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.", source)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, key, source)
-            except ConfigError:
-                continue
-        raise _type_error(tp, value, key, source)
-    if origin is Literal:
-        if value not in args:
-            choices = " | ".join(map(str, args))
-            raise ConfigError(f"{source}: {key}: expected one of {choices}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(tp, value, key, source)
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(
-                    f"{source}: {key}: expected {len(args)} values, got {len(value)}: {value!r}"
-                )
-            return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0]
-        items = [_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(tp, value, key, source)
-        return {str(k): _convert(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _type_error(tp, value, key, source)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(tp, value, key, source)
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _type_error(tp, value, key, source)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _type_error(tp, value, key, source)
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")  # a bug in this file
+def _unknown_key(prefix: str, key: str, names: set[str]) -> str:
+    known = ", ".join(sorted(names))
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return f"unknown key '{prefix}{key}'{hint} (known here: {known})"
 
 
 def _type_error(tp: Any, value: Any, key: str, source: str) -> ConfigError:
+    value = value.value if isinstance(value, _Rejected) else value
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        choices = " | ".join(map(str, args))
+        return ConfigError(f"{source}: {key}: expected one of {choices}, got {value!r}")
+    if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)) and \
+            Ellipsis not in args and len(value) != len(args):
+        return ConfigError(f"{source}: {key}: expected {len(args)} values, got {len(value)}: "
+                           f"{list(value)!r}")
     name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
     return ConfigError(f"{source}: {key}: expected {name}, got {value!r}")

@@ -95,6 +95,21 @@ def test_bad_values_name_the_key_and_the_file(tmp_path, data, overrides, message
     assert "\n" not in str(info.value)
 
 
+def test_an_override_typo_names_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, {"optim": {"lr": 0.1}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["optim.weight_decay=0.1", "optim.lrr=0.2"])
+    assert str(info.value).startswith("override 'optim.lrr=0.2': unknown key 'optim.lrr' "
+                                      "(did you mean 'optim.lr'?)")
+    assert str(path) not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^override 'dat\.batch_size=8': unknown key 'dat' "
+                                          r"\(did you mean 'data'\?\)"):
+        load_config(path, ["dat.batch_size=8"])
+    # below a free-form mapping any key is the user's (timm's keyword arguments)
+    assert load_config(path, ["model.timm_kwargs.drop_rate=0.1"]).model.timm_kwargs == {
+        "drop_rate": 0.1}
+
+
 def test_upscaling_views_is_allowed_when_asked_for(tmp_path):
     cfg = load_config(write(tmp_path, {}), ["data.image_size=32", "augment.crop_size=64",
                                             "augment.upscale=true"])
