@@ -13,7 +13,7 @@ What it does, in one process:
    disabled, checkpoints never due. Every row below uses its model, optimiser and augmentation:
    (a) model-only ceiling: `Trainer.model_step(views)` on fixed, ready views (eager and
        torch.compile'd); the compiled one is "the ceiling" when the trainer compiles;
-   (b) loader alone: `make_train_loader` + `to_device` (CPU decode and H2D copy, or nvJPEG
+   (b) loader alone: `make_train_loader` + `staging.device.to_device` (CPU decode and H2D copy, or nvJPEG
        decode + batched resize), per decode mode and shard set; plus the GPU resize alone,
        batched against the former loop over distinct image sizes;
    (c) augmentation alone: the trainer's GpuAugment, eager and compiled (CUDA events);
@@ -285,7 +285,8 @@ def data_cfg_for(cfg: Any, shards: Path, decode: str, workers: int) -> Any:
 
 
 def one_batch_on_device(trainer: Any, data_cfg: Any) -> torch.Tensor:
-    from data_pipelines.reader import make_train_loader, to_device
+    from data_pipelines.reader import make_train_loader
+    from lsdr_repr.staging.device import to_device
 
     loader = make_train_loader(data_cfg, seed=1, rank=trainer.rank, world_size=trainer.world_size)
     try:
@@ -336,7 +337,8 @@ def measure_model(trainer: Any, views: list[torch.Tensor], steps: int, warmup: i
 
 # --------------------------------------------------------------------------------- (b) loader
 def measure_loader(trainer: Any, data_cfg: Any, batches: int, warmup: int) -> dict:
-    from data_pipelines.reader import make_train_loader, to_device
+    from data_pipelines.reader import make_train_loader
+    from lsdr_repr.staging.device import to_device
 
     loader = make_train_loader(data_cfg, seed=2, rank=trainer.rank, world_size=trainer.world_size)
     try:
@@ -363,12 +365,11 @@ def measure_loader(trainer: Any, data_cfg: Any, batches: int, warmup: int) -> di
 def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
     """nvJPEG decode of one batch, then the resize to S alone: batched matmuls against the
     former loop over distinct image sizes (one interpolate per size)."""
-    from data_pipelines.reader import (
-        ShardStream,
+    from data_pipelines.reader import ShardStream, resolve_shards
+    from lsdr_repr.staging.device import (
         _decode_jpeg,
         _resize_center_crop,
         _resize_center_crop_batch,
-        resolve_shards,
     )
 
     device = trainer.device
@@ -451,8 +452,13 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
         if len(stamps) == warmup:
             reset_peak(t.device)
 
-    saved_aug, saved_model = trainer.augment, trainer.multiview
-    trainer.loader, trainer.overlap, trainer.augment = loader, overlap, augment
+    from lsdr_repr.staging.feed import Staging
+
+    # the trainer's own generator, micro-batches and device; this row's loader, augmentation
+    # and overlap
+    saved_staging, saved_model = trainer.staging, trainer.multiview
+    trainer.staging = Staging(loader, augment, saved_staging.generator, trainer.device,
+                              micro_batches=saved_staging.micro_batches, ahead=overlap)
     trainer.multiview = multiview
     trainer.step_hook = hook
     result: dict = {}
@@ -473,8 +479,7 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
             result["profile"] = profile_steps_of(trainer, profile_steps, profile_dir, name)
     finally:
         trainer.step_hook = None
-        trainer.augment, trainer.multiview = saved_aug, saved_model
-        trainer._feed = None  # drop the staged batch and the iterator with the loader
+        trainer.staging, trainer.multiview = saved_staging, saved_model
         close_loader(loader)
     return result
 
@@ -722,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         images = one_batch_on_device(trainer, data_cfg_for(cfg, shards["full"], "cpu",
                                                            args.workers))
         with torch.no_grad():
-            views = [v.clone() for v in trainer.augment(images, generator=trainer.aug_generator)]
+            views = [v.clone() for v in trainer.staging.augment(images, generator=trainer.staging.generator)]
 
         # (a) the model-only ceilings: the trainer's model (compiled when train.compile) with
         # cuDNN's heuristics and with its benchmark mode, eager, and under CUDA graphs
@@ -747,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
                                    key=lambda r: r["pairs_per_s"], default=None)}
         def other_ceiling(name: str) -> None:
             with torch.no_grad():
-                fixed = [v.clone() for v in trainer.augment(images, generator=trainer.aug_generator)]
+                fixed = [v.clone() for v in trainer.staging.augment(images, generator=trainer.staging.generator)]
             guarded(rows, "model-only", name, lambda: measure_model(
                 trainer, fixed, steps, max(warmup, 3), models[name]))
             if rows[-1].get("pairs_per_s"):
@@ -772,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # (c) augmentation alone
         eager_aug = build_augment(cfg.augment, compile=False).to(device)
-        compiled_aug = (trainer.augment if cfg.train.compile_augment
+        compiled_aug = (trainer.staging.augment if cfg.train.compile_augment
                         else build_augment(cfg.augment, compile=True).to(device))
         augs = {"eager": eager_aug}
         if device.type == "cuda":
@@ -784,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                 impl={"warp": "fused", "color": "fused", "blur": "fused"}).to(device)
         for name, aug in augs.items():
             guarded(rows, "augment", name, lambda aug=aug: measure_augment(
-                aug, images, steps, 3, trainer.aug_generator))
+                aug, images, steps, 3, trainer.staging.generator))
 
         # (d) end to end through Trainer.run; the CUDA-graph ceiling just before its first
         # variant (its graph pools would otherwise count in the peaks of the other rows)

@@ -8,7 +8,6 @@ no-op twins. Everything that touches files, signals or the network lives in its 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import time
@@ -36,9 +35,9 @@ from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
-from lsdr_repr.prefetch import Prefetcher
 from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
+from lsdr_repr.staging.feed import Staging
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: dist.DistEnv, device: torch.device,
                  preempt: PreemptionFlag | None = None,
                  validator: Validator | None = None) -> None:
-        from data_pipelines.reader import make_train_loader, resolve_train_data, to_device
+        from data_pipelines.reader import make_train_loader, resolve_train_data
 
         self.cfg, self.env, self.device = cfg, env, device
         self.rank, self.world_size = env.rank, env.world_size
@@ -186,7 +185,6 @@ class Trainer:
                               f"{self.world_size} rank(s); at least 2 per rank are needed")
         self.run_dir = Path(cfg.train.run_dir)
         self.global_batch = cfg.data.batch_size
-        self.to_device = to_device
         # Resolved (and each source's first shard opened) before the model is built: a source
         # that cannot be read fails here in one line. Without manifests there are no epochs.
         self.train_data = resolve_train_data(cfg.data)
@@ -216,29 +214,27 @@ class Trainer:
         self.loss_fn = build_objective(
             cfg.objective, stages=cfg.model.stages,
             num_views=cfg.augment.num_views + cfg.augment.local_crops).to(device)
-        self.augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
+        augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
         # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
-        self.aug_generator = torch.Generator(device=device)
-        self.aug_generator.manual_seed(cfg.train.seed * 100_003 + self.rank)
+        aug_generator = torch.Generator(device=device)
+        aug_generator.manual_seed(cfg.train.seed * 100_003 + self.rank)
 
         self._buffers = [b for b in model.buffers() if b.is_floating_point()]
         self._buffer_backup = [b.detach().clone() for b in self._buffers]
         self.optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.total_steps)
-        self.loader = make_train_loader(
+        loader = make_train_loader(
             cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
             data=self.train_data,
         )
-
-        # Stage batch k+1 (copy, decode, augmentation) while step k runs (lsdr_repr.prefetch);
-        # False stages each batch just before its step (same results, for benchmarks).
-        self.overlap = True
+        # Batch k+1 is copied, decoded and augmented while step k runs (lsdr_repr.staging);
+        # benchmarks swap in another Staging (another loader, augmentation or ahead=False).
+        self.staging = Staging(loader, augment, aug_generator, device,
+                               micro_batches=cfg.optim.accumulation_steps)
         # Called after every step with the trainer (benchmarks time steps through it);
         # `last_data_wait_s` is the host time that step's batch was waited for.
         self.step_hook: Callable[[Trainer], None] | None = None
         self.last_data_wait_s = 0.0
-        self._feed: Prefetcher | None = None  # kept between run() calls that pause
-        self._feed_loader: object = None  # the loader the feed reads
 
         self.step = 0
         self.nonfinite_total = 0
@@ -293,8 +289,8 @@ class Trainer:
         if int(state.get("world_size", 1)) == self.world_size:
             rng = state["rng"][self.rank]
             restore_rng_state(rng["global"])
-            self.aug_generator.set_state(rng["augment"].to(self.aug_generator.get_state().device))
-            self.loader.load_state_dict(state["data_state"][self.rank])
+            self.staging.load_state_dict({"data": state["data_state"][self.rank],
+                                          "augment": rng["augment"]})
         else:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: weights and optimiser "
@@ -317,15 +313,12 @@ class Trainer:
                     self.optimizer.param_groups[0]["lr"])
 
     def _checkpoint_state(self) -> dict:
-        # Collective: every rank contributes its random state and data-stream position.
-        # With a batch staged ahead, the loader and augmentation generator are one batch ahead
-        # of the step: save their state from before that batch was fetched.
-        data_state, aug_state = (
-            self._feed.resume_snapshot() if self._feed is not None else self._stream_state()
-        )
-        rng = {"global": capture_rng_state(), "augment": aug_state}
+        # Collective: every rank contributes its random state and data-stream position (as of
+        # the next batch a step takes, not of a batch already staged ahead).
+        stream = self.staging.state_dict()
+        rng = {"global": capture_rng_state(), "augment": stream["augment"]}
         rngs = dist.gather_objects(rng)
-        data_states = dist.gather_objects(data_state)
+        data_states = dist.gather_objects(stream["data"])
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
@@ -374,23 +367,6 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
-    def _stream_state(self) -> tuple[dict, torch.Tensor]:
-        """(loader state, augmentation generator state) now."""
-        return copy.deepcopy(self.loader.state_dict()), self.aug_generator.get_state().cpu()
-
-    # ------------------------------------------------------------------------------- step
-    def _stage(self, batch) -> tuple[list[list[torch.Tensor]], int]:
-        """Batch -> (views of each micro-batch, skipped count): the device copy (or GPU decode)
-        and the augmentation, run by the prefetcher on its side stream."""
-        images, _ = self.to_device(batch, self.device)
-        return self._augment_chunks(images), int(batch.skipped)
-
-    def _augment_chunks(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
-        """uint8 images [B,3,S,S] on the device -> the views of each micro-batch."""
-        with torch.no_grad():
-            return [self.augment(chunk, generator=self.aug_generator)
-                    for chunk in images.chunk(self.cfg.optim.accumulation_steps)]
-
     def model_step(self, views: list[torch.Tensor]) -> bool:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
         that benchmarks compare the end-to-end rate with. Returns whether it was applied."""
@@ -404,7 +380,7 @@ class Trainer:
         applied (finite). prefetch: stage the next batch once this step's kernels are queued,
         before the step synchronises."""
         if isinstance(chunks, torch.Tensor):
-            chunks = self._augment_chunks(chunks)
+            chunks = self.staging.views(chunks)
         # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
         # must not leave NaNs in them, so they are backed up (one fused copy) and restored.
         if self._buffers:
@@ -425,8 +401,8 @@ class Trainer:
                 out = self.loss_fn([o.projection for o in outputs], [o.stages for o in outputs])
                 (out.total / len(chunks)).backward()
             total = total + out.total.detach() / len(chunks)
-        if prefetch and self._feed is not None:
-            self._feed.prefetch()
+        if prefetch:
+            self.staging.prefetch()
         finite = torch.isfinite(total)
         if self.world_size > 1:
             finite = finite.float()
@@ -458,11 +434,6 @@ class Trainer:
         paused = False
         self.model.train()
         try:
-            if self._feed is None or self._feed_loader is not self.loader:
-                self._feed = Prefetcher(iter(self.loader), self._stage, self.device,
-                                        snapshot=self._stream_state)
-                self._feed_loader = self.loader
-            self._feed.ahead = self.overlap
             if self.step >= cfg.total_steps:
                 log.info("run already complete at step %d", self.step)
             elif self._agree(preempt.is_set):
@@ -476,7 +447,7 @@ class Trainer:
                 exit_code = EXIT_PREEMPTED
                 end = self.step
             while self.step < end:
-                staged = next(self._feed)
+                staged = next(self.staging)
                 chunks, skipped = staged.value
                 # host time blocked on the loader (for a batch fetched ahead, inside the
                 # previous step, where the GPU may still have been busy)
@@ -542,7 +513,7 @@ class Trainer:
             if own_flag:
                 preempt.close()
             if not paused:  # stopped by max_steps: run() may be called again to go on
-                self._feed = None
+                self.staging.reset()
                 self.progress.close()
                 self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
                 self.tracker.finish()
@@ -581,7 +552,7 @@ class Trainer:
         cfg = self.cfg.train
         if cfg.image_grid_every and self.step % cfg.image_grid_every == 0:
             shown = [v[:8] for v in views[:2]]
-            grid = torch.cat([self.augment.denormalize(v.float()) for v in shown])
+            grid = torch.cat([self.staging.augment.denormalize(v.float()) for v in shown])
             # one row per view, one column per image: the same image's views stacked
             self.tracker.log_images(
                 "augmented_views", grid.cpu(), self.step, nrow=len(shown[0]),

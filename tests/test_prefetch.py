@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsdr_repr.prefetch import Prefetcher
+from lsdr_repr.staging.prefetch import Prefetcher
 
 
 class Source:

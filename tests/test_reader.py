@@ -26,15 +26,14 @@ from data_pipelines.manifest import read_manifest
 from data_pipelines.reader import (
     Batch,
     JpegList,
-    decode_jpeg_batch,
     make_eval_loader,
     make_train_loader,
-    to_device,
     worker_shards,
 )
 from data_pipelines.writer import write_shards
 from lsdr_repr.config import DataConfig
 from lsdr_repr.errors import ConfigError, DataError
+from lsdr_repr.staging.device import decode_jpeg_batch, to_device
 
 
 def cfg(shards, **kw) -> DataConfig:
