@@ -30,8 +30,9 @@ from lsdr_repr.checkpoint import (
     make_checkpoint_writer,
     restore_rng_state,
 )
+from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
-from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
+from lsdr_repr.errors import ConfigError, LsdrError
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
@@ -240,27 +241,23 @@ class Trainer:
         self.nonfinite_total = 0
         self.skipped_samples = 0
         self.wandb_run_id: str | None = None
-        self._save_failed = False  # report a failing periodic save once, not at every interval
         self._last_projection: torch.Tensor | None = None
-        # Divergence guard: the newest checkpoint written (or resumed from) before any non-finite
-        # step, and the last non-finite step. No checkpoint is written until the loss has been
-        # finite for a whole `checkpoint_every` interval, so the rotation never removes the
-        # checkpoints from before a divergence (whose last finite steps may already have blown
-        # the weights up while they stayed finite).
-        self.good_checkpoint: Path | None = None
-        self._last_nonfinite_step: int | None = None
         # Refuses (CheckpointError) when every checkpoint is unreadable, instead of step 0.
         resume_path, resume_state = load_resume_state(self.run_dir) or (None, None)
         if resume_state:
             self.wandb_run_id = resume_state.get("wandb_run_id")
-            self.good_checkpoint = resume_path
 
         is_main = self.rank == 0
         self.config_dict = config_to_dict(cfg)
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / CONFIG_FILE)
-        self.writer = make_checkpoint_writer(self.run_dir, cfg.train.keep_checkpoints, self.rank)
+        # Cadence and the divergence guard (lsdr_repr.checkpointer); the resumed-from
+        # checkpoint is the last good one until a new one is written.
+        self.checkpointer = Checkpointer(
+            make_checkpoint_writer(self.run_dir, cfg.train.keep_checkpoints, self.rank),
+            every=cfg.train.checkpoint_every, total_steps=cfg.train.total_steps,
+            good=resume_path)
         self.tracker = make_tracker(
             cfg.log, self.config_dict, self.run_dir, self.rank, run_id=self.wandb_run_id
         )
@@ -335,33 +332,6 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "skipped_samples": self.skipped_samples,
         }
-
-    def _save(self, *, final: bool) -> Path | None:
-        every = self.cfg.train.checkpoint_every
-        if self._last_nonfinite_step is not None and \
-                self.step - self._last_nonfinite_step < every:
-            log.warning("step %d: checkpoint not written: the loss was non-finite at step %d, "
-                        "less than train.checkpoint_every=%d steps ago; the last good checkpoint "
-                        "%s is kept", self.step, self._last_nonfinite_step, every,
-                        self.good_checkpoint or "(none yet)")
-            return None
-        if not self._weights_finite():
-            log.error("step %d: weights are not finite; checkpoint not written, the last good "
-                      "one is kept", self.step)
-            return None
-        state = self._checkpoint_state()
-        try:
-            path = self.writer.save(state)
-        except CheckpointError as exc:
-            if final:
-                raise
-            if not self._save_failed:
-                log.error("%s (training continues; will retry at the next interval)", exc)
-            self._save_failed = True
-            return None
-        self._save_failed = False
-        self.good_checkpoint = path
-        return path
 
     def _weights_finite(self) -> bool:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
@@ -443,7 +413,7 @@ class Trainer:
                 log.warning("preempted during start-up at step %d (%s): nothing new to "
                             "checkpoint (resume from %s), exiting with %d", self.step,
                             preempt.received.name if preempt.received else "signal",
-                            self.good_checkpoint or "the start", EXIT_PREEMPTED)
+                            self.checkpointer.good or "the start", EXIT_PREEMPTED)
                 exit_code = EXIT_PREEMPTED
                 end = self.step
             while self.step < end:
@@ -464,12 +434,13 @@ class Trainer:
                 else:
                     nonfinite_streak += 1
                     self.nonfinite_total += 1
-                    self._last_nonfinite_step = self.step
+                    self.checkpointer.note_nonfinite(self.step)
                     log.warning("step %d: non-finite loss, step skipped (%d in a row)",
                                 self.step, nonfinite_streak)
                     if nonfinite_streak >= cfg.max_nonfinite_steps:
-                        kept = (f"the last good checkpoint is {self.good_checkpoint}"
-                                if self.good_checkpoint else "no checkpoint was written before it")
+                        good = self.checkpointer.good
+                        kept = (f"the last good checkpoint is {good}"
+                                if good else "no checkpoint was written before it")
                         raise TrainingDiverged(
                             f"loss was non-finite for {nonfinite_streak} steps in a row at step "
                             f"{self.step} (since step {self.step - nonfinite_streak + 1}); no "
@@ -496,8 +467,10 @@ class Trainer:
                     log.info("received %s during the final step: the run is complete",
                              preempt.received.name if preempt.received else "a signal")
                     stop = False
-                if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
-                    last_ckpt = self._save(final=stop or self.step == cfg.total_steps) or last_ckpt
+                if stop or self.checkpointer.due(self.step):
+                    last_ckpt = self.checkpointer.save(
+                        self.step, self._checkpoint_state, self._weights_finite,
+                        final=stop or self.step == cfg.total_steps) or last_ckpt
                 if stop:
                     log.warning("preempted at step %d: checkpoint %s written, exiting with %d",
                                 self.step, last_ckpt, EXIT_PREEMPTED)
