@@ -42,8 +42,8 @@ What runs where. Kornia's functionals with our per-sample parameters: gamma
 call per fill kind) are here too, selected per stage by `GpuAugment(impl=...)` and checked
 against the fused ones in the tests, but by default those two stay custom
 (`augment_ops.DEFAULT_IMPL`), because the same-run benchmark (`benchmarks/augment_bench.py`,
-benchmarks/RESULTS.md) measured them 3.96 ms (blur) and 3.77 ms (warp with a fill mixture) slower
-per ResNet-50 step than the fused ones (kornia's colour chain: +0.47 ms, so it runs): crop, zoom,
+benchmarks/RESULTS.md) measured them 3.95 ms (blur) and 3.76 ms (warp with a fill mixture) slower
+per ResNet-50 step than the fused ones (kornia's colour chain: +0.44 ms, so it runs): crop, zoom,
 rotation and flip are one `affine_grid + grid_sample` per view for any fill mixture; the blur is
 two batched matmuls by dense reflect-Gaussian matrices. White balance has no Kornia functional
 (three channel gains before the chain). Parameters come from one `torch.rand(B, NUM_UNIFORMS)`

@@ -302,8 +302,8 @@ def blur_to_channels_last(x: Tensor, matrix: Tensor) -> Tensor:
 # as two matmuls). Gamma and solarize run through kornia in both. The default is what the
 # same-run benchmark chose (benchmarks/RESULTS.md, "Kornia functionals against the fused ops":
 # ResNet-50 views, B=256, two views, compiled, one H200, one stage through kornia at a time):
-# every stage fused 3.78 ms; the colour chain through kornia +0.47 ms (under the 1 ms a custom op
-# may save, so kornia runs it); kornia's blur +3.96 ms and its per-fill warps +3.77 ms (above it,
+# every stage fused 3.78 ms; the colour chain through kornia +0.44 ms (under the 1 ms a custom op
+# may save, so kornia runs it); kornia's blur +3.95 ms and its per-fill warps +3.76 ms (above it,
 # so those two stay fused).
 STAGES = ("warp", "color", "blur")
 Impl = dict[str, str]
