@@ -52,11 +52,13 @@ class CachedFeatures(NamedTuple):
 
     @classmethod
     def from_outputs(cls, per_chunk: Sequence[Sequence[Any]]) -> CachedFeatures:
-        """per_chunk[j][v]: the ModelOutput of view v of micro-batch j (detached here)."""
+        """per_chunk[j][v]: the ModelOutput of view v of micro-batch j (copied here: under CUDA
+        graphs the next replay of the same graph overwrites its outputs)."""
         views = len(per_chunk[0])
         num_stages = len(per_chunk[0][0].stages)
-        projections = [[chunk[v].projection.detach() for chunk in per_chunk] for v in range(views)]
-        stages = [[[chunk[v].stages[s].detach() for chunk in per_chunk]
+        projections = [[chunk[v].projection.detach().clone() for chunk in per_chunk]
+                       for v in range(views)]
+        stages = [[[chunk[v].stages[s].detach().clone() for chunk in per_chunk]
                    for s in range(num_stages)] for v in range(views)]
         return cls(projections, stages)
 
