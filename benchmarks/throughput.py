@@ -7,8 +7,8 @@ What it does, in one process:
 1. Data: writes `--images` synthetic photos-like JPEGs (varied sizes and content: colour fields,
    shapes, blur, multi-scale texture, quality 80-95; about 45 KiB at 380-620 x 300-480 px), then
    shards them twice with the real writer: `lsdr shards write SRC DATA/full` and
-   `lsdr shards write SRC DATA/shrunk --max-side N` (the pre-shrunk copy). Kept in --data-dir
-   and reused by later runs.
+   `lsdr shards write SRC DATA/shrunk --min-side S` (the pre-shrunk copy: shorter side S, the
+   loader's side, so it never upsamples). Kept in --data-dir and reused by later runs.
 2. One `Trainer(cfg, env, device)` from --config (+ flags and `--set key=value` overrides), W&B
    disabled, checkpoints never due. Every row below uses its model, optimiser and augmentation:
    (a) model-only ceiling: `Trainer.model_step(views)` on fixed, ready views (eager and
@@ -47,7 +47,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=5000, help="synthetic images to write")
     p.add_argument("--source-width", default="380,620", help="min,max width of the images")
     p.add_argument("--source-height", default="300,480", help="min,max height")
-    p.add_argument("--max-side", type=int, default=320,
-                   help="longer side of the pre-shrunk shard copy (lsdr shards write --max-side)")
+    p.add_argument("--min-side", type=int, default=None,
+                   help="shorter side of the pre-shrunk shard copy (lsdr shards write "
+                   "--min-side; default: --image-size, so the reader never upsamples)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="also bound the longer side of the pre-shrunk copy (--max-side). The "
+                   "earlier default, 320 alone, left the shorter side of most of these images "
+                   "below 256 (median 251, down to 163): the reader upsampled them")
     p.add_argument("--shrunk-quality", type=int, default=90,
                    help="JPEG quality of the pre-shrunk copy")
     p.add_argument("--per-shard", type=int, default=256, help="samples per shard")
@@ -172,8 +177,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
 
     width = tuple(int(v) for v in args.source_width.split(","))
     height = tuple(int(v) for v in args.source_height.split(","))
+    min_side = args.min_side or args.image_size
     spec = {"images": args.images, "width": width, "height": height, "max_side": args.max_side,
-            "quality": args.shrunk_quality, "per_shard": args.per_shard, "version": 1}
+            "min_side": min_side, "quality": args.shrunk_quality, "per_shard": args.per_shard,
+            "version": 2}
     stamp = data_dir / "spec.json"
     shards = {"full": data_dir / "full", "shrunk": data_dir / "shrunk"}
     if (stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(spec))
@@ -196,8 +203,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
     log.info("wrote %d JPEGs in %.1f s", args.images, time.perf_counter() - start)
     common = ["--prefix", "train", "--max-count", str(args.per_shard), "--no-progress",
               "--workers", str(workers)]
-    for name, extra in (("full", []), ("shrunk", ["--max-side", str(args.max_side),
-                                                   "--quality", str(args.shrunk_quality)])):
+    shrink = ["--min-side", str(min_side), "--quality", str(args.shrunk_quality)]
+    if args.max_side:
+        shrink += ["--max-side", str(args.max_side)]
+    for name, extra in (("full", []), ("shrunk", shrink)):
         code = lsdr(["shards", "write", str(src), str(shards[name]), *common, *extra])
         if code != 0:
             raise SystemExit(f"lsdr shards write failed for {name} (exit {code})")
@@ -537,6 +546,7 @@ def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: in
     """DALI's equivalent of our pipeline: webdataset reader, mixed (nvJPEG) decode, random
     resized crop, rotation, flip, brightness/contrast, hue/saturation, 23-tap blur, normalise."""
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     tars = sorted(str(p) for p in shards.glob("*.tar"))
@@ -579,7 +589,23 @@ def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: in
     p = pipe()
     p.build()
     names = [f"v{i}" for i in range(aug.num_views)]
-    return DALIGenericIterator([p], names, reader_name="reader", auto_reset=True)
+    # DROP: every batch full (the model step's shapes stay fixed); auto_reset: the iterator
+    # resets itself after each epoch, but still raises StopIteration there (endless_batches)
+    return endless_batches(DALIGenericIterator([p], names, reader_name="reader", auto_reset=True,
+                                               last_batch_policy=LastBatchPolicy.DROP))
+
+
+def endless_batches(epochs: Any) -> Iterator[Any]:
+    """An iterable that ends each epoch with StopIteration and restarts on the next iter()
+    (DALIGenericIterator with auto_reset) -> one endless iterator. The DALI row used to stop
+    with StopIteration at the first epoch boundary (5000 images = 19 batches of 256)."""
+    while True:
+        empty = True
+        for batch in epochs:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the DALI pipeline produced an empty epoch")
 
 
 def measure_dali(trainer: Any, shards: Path, steps: int, warmup: int, workers: int) -> dict:
