@@ -609,6 +609,10 @@ class Trainer:
             metrics["epoch"] = self.step * self.global_batch / self.samples_per_epoch
         if self.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            # CUDA-graph pools (compile_mode=reduce-overhead) are reserved, not allocated
+            metrics["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        if self.scaler is not None:  # fp16: falls when the scaler skips an overflowing step
+            metrics["amp/loss_scale"] = self.scaler.get_scale()
         diag = embedding_diagnostics(self._last_projection)
         metrics.update({f"diag/{k}": v for k, v in diag.items()})
         return metrics

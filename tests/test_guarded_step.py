@@ -6,6 +6,7 @@ Trainer: one step on CPU, the loss scale checkpointed and restored on resume."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -105,6 +106,8 @@ def test_fp16_trains_on_cpu_and_resumes_its_loss_scale(sample_shards, tmp_path):
     result = trainer.run()
     assert result.exit_code == 0 and trainer.nonfinite_total == 0
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["metrics"]["amp/loss_scale"] == trainer.scaler.get_scale()
     saved = load_checkpoint(find_latest_valid(tmp_path / "run"))["scaler"]
     assert saved and saved["scale"] == trainer.scaler.get_scale() < 2.0**16  # it calibrated
 
