@@ -112,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "both, keep the faster for the rest)")
     p.add_argument("--cudagraphs", choices=["on", "off"], default="on",
                    help="also measure the model compiled with mode=reduce-overhead (model cg)")
+    p.add_argument("--accumulation", default="",
+                   help="also measure the model-only step as K micro-batches (exact "
+                   "accumulation, optim.accumulation_steps=K): comma-separated K values, "
+                   "e.g. 2; the memory cost against the K=1 ceiling")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides, e.g. model.projector=[64,64]")
     return p.parse_args(argv)
@@ -230,12 +234,23 @@ def sync(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        # Cached blocks of earlier rows freed first, so a row's reserved peak is its own (plus
+        # whatever earlier rows still hold, such as CUDA-graph pools: measure those last).
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def peak_reserved_gb(device: torch.device) -> float | None:
+    """max_memory_reserved: counts CUDA-graph pools, which max_memory_allocated misses after a
+    reset (their blocks were allocated before it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
     return None
 
 
@@ -323,26 +338,37 @@ def model_variants(trainer: Any, cudagraphs: bool) -> dict[str, Any]:
 
 
 def measure_model(trainer: Any, views: list[torch.Tensor], steps: int, warmup: int,
-                  multiview: Any) -> dict:
+                  multiview: Any, accumulation: int = 1) -> dict:
+    """Model-only steps on fixed views; accumulation k: the same batch as k micro-batches
+    through the trainer's exact accumulation (optim.accumulation_steps=k)."""
     saved = trainer.multiview
     trainer.multiview = multiview
+    chunks = [list(c) for c in zip(*(v.chunk(accumulation) for v in views))]
+
+    def step() -> None:
+        if accumulation == 1:
+            trainer.model_step(views)
+        else:
+            trainer._train_step(chunks)
+
     try:
         start = time.perf_counter()
         for _ in range(warmup):
-            trainer.model_step(views)
+            step()
         sync(trainer.device)
         first_s = time.perf_counter() - start
         reset_peak(trainer.device)
         start = time.perf_counter()
         for _ in range(steps):
-            trainer.model_step(views)
+            step()
         sync(trainer.device)
         wall = time.perf_counter() - start
     finally:
         trainer.multiview = saved
     pairs = steps * trainer.global_batch / wall
     return {"pairs_per_s": pairs, "step_ms": wall / steps * 1000, "warmup_s": first_s,
-            "peak_gb": peak_gb(trainer.device)}
+            "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 # --------------------------------------------------------------------------------- (b) loader
@@ -368,7 +394,8 @@ def measure_loader(trainer: Any, data_cfg: Any, batches: int, warmup: int) -> di
     per_rank = data_cfg.batch_size // trainer.world_size
     return {"pairs_per_s": batches * per_rank * trainer.world_size / wall,
             "batch_ms": wall / batches * 1000, "warmup_s": first_s,
-            "peak_gb": peak_gb(trainer.device)}
+            "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
@@ -478,6 +505,7 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
             "data_wait_frac": sum(waits[warmup:]) / wall,
             "warmup_s": stamps[warmup - 1] - start,
             "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device),
         }
         if profile_steps:
             trainer.step_hook = None
@@ -635,7 +663,8 @@ def measure_dali(trainer: Any, shards: Path, steps: int, warmup: int, workers: i
     wall = time.perf_counter() - start
     return {"loader_pairs_per_s": steps * trainer.global_batch / loader_wall,
             "pairs_per_s": steps * trainer.global_batch / wall,
-            "step_ms": wall / steps * 1000, "peak_gb": peak_gb(trainer.device)}
+            "step_ms": wall / steps * 1000, "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -677,9 +706,10 @@ def format_table(report: dict) -> str:
         peak_s = f"{peak:8.2f}" if peak is not None else "       -"
         pairs_s = f"{pairs:8.0f}" if pairs else "       -"
         notes = []
-        for key in ("step_ms", "batch_ms", "call_ms", "decode_ms", "resize_loop_ms",
+        for key in ("peak_reserved_gb", "step_ms", "batch_ms", "call_ms", "decode_ms",
+                    "resize_loop_ms",
                     "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s"):
-            if key in r:
+            if r.get(key) is not None:
                 notes.append(f"{key}={r[key]:.1f}" if isinstance(r[key], float)
                              else f"{key}={r[key]}")
         prof = r.get("profile")
@@ -784,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "eager" in models and default != "eager":
             other_ceiling("eager")
+        for k in (int(v) for v in args.accumulation.split(",") if v.strip()):
+            guarded(rows, "model-only", f"{default}:accum{k}", lambda k=k: measure_model(
+                trainer, views, steps, max(warmup, 3), models["default"], accumulation=k))
         views = []  # free the ceiling's inputs
         ceiling_row = ceilings["default"]
 

@@ -23,7 +23,7 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
         "--per-shard", "8", "--workers", "1", "--steps", "2", "--warmup", "1",
         "--variants", "cpu:full:off:eager,cpu:shrunk:on:eager",
         "--loader-rows", "cpu:full,cpu:shrunk", "--profile-variants", "-1",
-        "--profile-steps", "1", "--out", str(out),
+        "--profile-steps", "1", "--out", str(out), "--accumulation", "2",
         "--set", "model.projector=[32,32]", "augment.blur.kernel_size=3",
     ])
     assert code == 0
@@ -31,7 +31,7 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
     rows = {f"{r['kind']} {r['name']}": r for r in report["rows"]}
     assert not [r for r in rows.values() if "error" in r], rows
     assert set(rows) == {
-        "model-only eager", "loader cpu:full:w1", "loader cpu:shrunk:w1", "augment eager",
+        "model-only eager", "model-only eager:accum2", "loader cpu:full:w1", "loader cpu:shrunk:w1", "augment eager",
         "end-to-end cpu:full:off:eager:w1", "end-to-end cpu:shrunk:on:eager:w1",
     }
     assert report["ceiling_row"] == "model-only eager"  # --compile off: the eager step
