@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default|eager|cg)")
     p.add_argument("--loader-rows", default="cpu:full,cpu:shrunk,gpu:full,gpu:shrunk",
                    help="loader-alone rows decode:shards[:workers]")
+    p.add_argument("--augment-rows", default="eager,compiled,old",
+                   help="augmentation-alone rows to measure (eager|compiled|old, comma "
+                   "separated; empty: none; the end-to-end variants build theirs anyway)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--images", type=int, default=5000, help="synthetic images to write")
@@ -843,9 +846,11 @@ def main(argv: list[str] | None = None) -> int:
             augs["old"] = build_augment(
                 dataclasses.replace(cfg.augment, fill=["reflection"]), compile=True,
                 impl={"warp": "fused", "color": "fused", "blur": "fused"}).to(device)
+        wanted = {n.strip() for n in args.augment_rows.split(",") if n.strip()}
         for name, aug in augs.items():
-            guarded(rows, "augment", name, lambda aug=aug: measure_augment(
-                aug, images, steps, 3, trainer.aug_generator))
+            if name in wanted:
+                guarded(rows, "augment", name, lambda aug=aug: measure_augment(
+                    aug, images, steps, 3, trainer.aug_generator))
 
         # (d) end to end through Trainer.run; the CUDA-graph ceiling just before its first
         # variant (its graph pools would otherwise count in the peaks of the other rows)
