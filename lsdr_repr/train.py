@@ -505,9 +505,9 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 window_samples += self.global_batch
                 self._pending_flags.append((self.step, applied))
-                # The newest step's flag stays on the device (the host runs ahead); every
-                # boundary below that acts on the state reads all of them first.
-                self._resolve_flags(keep=1)
+                # Deferred: the newest step's flag stays on the device (the host runs ahead);
+                # every boundary below that acts on the state reads all of them first.
+                self._resolve_flags(keep=1 if self.stepper.deferred else 0)
 
                 due_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
                 due_save = self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps
