@@ -389,18 +389,20 @@ class Trainer:
             return [self.augment(chunk, generator=self.aug_generator)
                     for chunk in images.chunk(self.cfg.optim.accumulation_steps)]
 
-    def model_step(self, views: list[torch.Tensor]) -> bool:
+    def model_step(self, views: list[torch.Tensor]) -> bool | torch.Tensor:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
-        that benchmarks compare the end-to-end rate with. Returns whether it was applied."""
+        that benchmarks compare the end-to-end rate with. Returns whether the loss was finite
+        (the step applied): a bool, or a 0-d bool tensor on the device when deferred."""
         return self._train_step([views])[3]
 
     def _train_step(
         self, chunks: list[list[torch.Tensor]] | torch.Tensor, prefetch: bool = False
-    ) -> tuple[torch.Tensor, object, list, bool]:
+    ) -> tuple[torch.Tensor, object, list, bool | torch.Tensor]:
         """One optimiser step over micro-batches (the views of each, or uint8 images to augment
-        here); returns the loss, the last loss output, the last views, and whether the step was
-        applied (finite). prefetch: stage the next batch once this step's kernels are queued,
-        before the step synchronises."""
+        here; more than one: exact accumulation); returns the loss, the last loss output, the
+        last views, and whether the loss was finite (bool, or a device tensor when the check is
+        deferred: `GuardedStep`). prefetch: stage the next batch once this step's kernels are
+        queued, before anything synchronises."""
         if isinstance(chunks, torch.Tensor):
             chunks = self._augment_chunks(chunks)
         # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
