@@ -240,6 +240,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.002  # cosine decays to lr * min_lr_ratio
     clip_grad: float | None = None
+    # k micro-batches per step, exactly the k-times larger batch for the loss (feature caching,
+    # lsdr_repr/accumulate.py: one extra forward per micro-batch, memory of one micro-batch).
+    # BatchNorm still normalises each micro-batch on its own (as DDP without SyncBN): exact for
+    # LayerNorm/GroupNorm networks (ViTs) or projector_bn=false, an approximation with BN.
     accumulation_steps: int = 1
 
 
@@ -250,7 +254,9 @@ class TrainConfig:
     total_steps: int = 1000
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; fp16 (GPUs without bf16: V100, T4) adds a GradScaler,
+    # checkpointed; its overflow-skipped steps are calibration, not non-finite steps
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
     # torch.compile mode of the model: "reduce-overhead" adds CUDA graphs (+10 points end to end
     # for ViT-S on one H100, benchmarks/RESULTS.md) but its memory pools escape the peak-memory
