@@ -13,7 +13,7 @@ device, the uint8 -> float conversion included):
 - ours-compiled/<config>: the same with `compile=True` (each view's sampling + rendering one
   torch.compile graph); on by default on CUDA, `--compile off` skips it;
 - impl/<variant>: the `lsdr-invariance` preset compiled with each stage through Kornia's
-  functionals or the fused maths (`GpuAugment(impl=...)`): `default` (augment_ops.DEFAULT_IMPL),
+  functionals or the fused maths (`build_augment(impl=...)`): `default` (augment_ops.DEFAULT_IMPL),
   `all-kornia`, `all-fused`, one stage swapped at a time, and `old` (every stage fused and the
   reflection fill only: the path before Kornia). The cost of the Kornia version of a stage is
   its row minus the row with that stage fused (the rule: a custom op stays only where Kornia

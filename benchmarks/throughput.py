@@ -7,8 +7,8 @@ What it does, in one process:
 1. Data: writes `--images` synthetic photos-like JPEGs (varied sizes and content: colour fields,
    shapes, blur, multi-scale texture, quality 80-95; about 45 KiB at 380-620 x 300-480 px), then
    shards them twice with the real writer: `lsdr shards write SRC DATA/full` and
-   `lsdr shards write SRC DATA/shrunk --max-side N` (the pre-shrunk copy). Kept in --data-dir
-   and reused by later runs.
+   `lsdr shards write SRC DATA/shrunk --min-side S` (the pre-shrunk copy: shorter side S, the
+   loader's side, so it never upsamples). Kept in --data-dir and reused by later runs.
 2. One `Trainer(cfg, env, device)` from --config (+ flags and `--set key=value` overrides), W&B
    disabled, checkpoints never due. Every row below uses its model, optimiser and augmentation:
    (a) model-only ceiling: `Trainer.model_step(views)` on fixed, ready views (eager and
@@ -47,7 +47,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +83,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default|eager|cg)")
     p.add_argument("--loader-rows", default="cpu:full,cpu:shrunk,gpu:full,gpu:shrunk",
                    help="loader-alone rows decode:shards[:workers]")
+    p.add_argument("--augment-rows", default="eager,compiled,old",
+                   help="augmentation-alone rows to measure (eager|compiled|old, comma "
+                   "separated; empty: none; the end-to-end variants build theirs anyway)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--images", type=int, default=5000, help="synthetic images to write")
     p.add_argument("--source-width", default="380,620", help="min,max width of the images")
     p.add_argument("--source-height", default="300,480", help="min,max height")
-    p.add_argument("--max-side", type=int, default=320,
-                   help="longer side of the pre-shrunk shard copy (lsdr shards write --max-side)")
+    p.add_argument("--min-side", type=int, default=None,
+                   help="shorter side of the pre-shrunk shard copy (lsdr shards write "
+                   "--min-side; default: --image-size, so the reader never upsamples)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="also bound the longer side of the pre-shrunk copy (--max-side). The "
+                   "earlier default, 320 alone, left the shorter side of most of these images "
+                   "below 256 (median 251, down to 163): the reader upsampled them")
     p.add_argument("--shrunk-quality", type=int, default=90,
                    help="JPEG quality of the pre-shrunk copy")
     p.add_argument("--per-shard", type=int, default=256, help="samples per shard")
@@ -107,6 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "both, keep the faster for the rest)")
     p.add_argument("--cudagraphs", choices=["on", "off"], default="on",
                    help="also measure the model compiled with mode=reduce-overhead (model cg)")
+    p.add_argument("--accumulation", default="",
+                   help="also measure the model-only step as K micro-batches (exact "
+                   "accumulation, optim.accumulation_steps=K): comma-separated K values, "
+                   "e.g. 2; the memory cost against the K=1 ceiling")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides, e.g. model.projector=[64,64]")
     return p.parse_args(argv)
@@ -173,8 +185,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
 
     width = tuple(int(v) for v in args.source_width.split(","))
     height = tuple(int(v) for v in args.source_height.split(","))
+    min_side = args.min_side or args.image_size
     spec = {"images": args.images, "width": width, "height": height, "max_side": args.max_side,
-            "quality": args.shrunk_quality, "per_shard": args.per_shard, "version": 1}
+            "min_side": min_side, "quality": args.shrunk_quality, "per_shard": args.per_shard,
+            "version": 2}
     stamp = data_dir / "spec.json"
     shards = {"full": data_dir / "full", "shrunk": data_dir / "shrunk"}
     if (stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(spec))
@@ -195,8 +209,10 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> dict[str, Path]:
         with cf.ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_images, tasks))
     log.info("wrote %d JPEGs in %.1f s", args.images, time.perf_counter() - start)
-    for name, extra in (("full", {}), ("shrunk", {"max_side": args.max_side,
-                                                   "quality": args.shrunk_quality})):
+    shrink = {"min_side": min_side, "quality": args.shrunk_quality}
+    if args.max_side:
+        shrink["max_side"] = args.max_side
+    for name, extra in (("full", {}), ("shrunk", shrink)):
         write_shards(src, shards[name], prefix="train", max_count=args.per_shard,
                      progress=False, workers=workers, **extra)
     stamp.write_text(json.dumps(spec))
@@ -219,12 +235,23 @@ def sync(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        # Cached blocks of earlier rows freed first, so a row's reserved peak is its own (plus
+        # whatever earlier rows still hold, such as CUDA-graph pools: measure those last).
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def peak_reserved_gb(device: torch.device) -> float | None:
+    """max_memory_reserved: counts CUDA-graph pools, which max_memory_allocated misses after a
+    reset (their blocks were allocated before it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
     return None
 
 
@@ -313,26 +340,37 @@ def model_variants(trainer: Any, cudagraphs: bool) -> dict[str, Any]:
 
 
 def measure_model(trainer: Any, views: list[torch.Tensor], steps: int, warmup: int,
-                  multiview: Any) -> dict:
+                  multiview: Any, accumulation: int = 1) -> dict:
+    """Model-only steps on fixed views; accumulation k: the same batch as k micro-batches
+    through the trainer's exact accumulation (optim.accumulation_steps=k)."""
     saved = trainer.multiview
     trainer.multiview = multiview
+    chunks = [list(c) for c in zip(*(v.chunk(accumulation) for v in views))]
+
+    def step() -> None:
+        if accumulation == 1:
+            trainer.model_step(views)
+        else:
+            trainer._train_step(chunks)
+
     try:
         start = time.perf_counter()
         for _ in range(warmup):
-            trainer.model_step(views)
+            step()
         sync(trainer.device)
         first_s = time.perf_counter() - start
         reset_peak(trainer.device)
         start = time.perf_counter()
         for _ in range(steps):
-            trainer.model_step(views)
+            step()
         sync(trainer.device)
         wall = time.perf_counter() - start
     finally:
         trainer.multiview = saved
     pairs = steps * trainer.global_batch / wall
     return {"pairs_per_s": pairs, "step_ms": wall / steps * 1000, "warmup_s": first_s,
-            "peak_gb": peak_gb(trainer.device)}
+            "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 # --------------------------------------------------------------------------------- (b) loader
@@ -359,7 +397,8 @@ def measure_loader(trainer: Any, data_cfg: Any, batches: int, warmup: int) -> di
     per_rank = data_cfg.batch_size // trainer.world_size
     return {"pairs_per_s": batches * per_rank * trainer.world_size / wall,
             "batch_ms": wall / batches * 1000, "warmup_s": first_s,
-            "peak_gb": peak_gb(trainer.device)}
+            "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
@@ -473,6 +512,7 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
             "data_wait_frac": sum(waits[warmup:]) / wall,
             "warmup_s": stamps[warmup - 1] - start,
             "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device),
         }
         if profile_steps:
             trainer.step_hook = None
@@ -540,6 +580,7 @@ def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: in
     """DALI's equivalent of our pipeline: webdataset reader, mixed (nvJPEG) decode, random
     resized crop, rotation, flip, brightness/contrast, hue/saturation, 23-tap blur, normalise."""
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     tars = sorted(str(p) for p in shards.glob("*.tar"))
@@ -582,7 +623,23 @@ def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: in
     p = pipe()
     p.build()
     names = [f"v{i}" for i in range(aug.num_views)]
-    return DALIGenericIterator([p], names, reader_name="reader", auto_reset=True)
+    # DROP: every batch full (the model step's shapes stay fixed); auto_reset: the iterator
+    # resets itself after each epoch, but still raises StopIteration there (endless_batches)
+    return endless_batches(DALIGenericIterator([p], names, reader_name="reader", auto_reset=True,
+                                               last_batch_policy=LastBatchPolicy.DROP))
+
+
+def endless_batches(epochs: Any) -> Iterator[Any]:
+    """An iterable that ends each epoch with StopIteration and restarts on the next iter()
+    (DALIGenericIterator with auto_reset) -> one endless iterator. The DALI row used to stop
+    with StopIteration at the first epoch boundary (5000 images = 19 batches of 256)."""
+    while True:
+        empty = True
+        for batch in epochs:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the DALI pipeline produced an empty epoch")
 
 
 def measure_dali(trainer: Any, shards: Path, steps: int, warmup: int, workers: int) -> dict:
@@ -612,7 +669,8 @@ def measure_dali(trainer: Any, shards: Path, steps: int, warmup: int, workers: i
     wall = time.perf_counter() - start
     return {"loader_pairs_per_s": steps * trainer.global_batch / loader_wall,
             "pairs_per_s": steps * trainer.global_batch / wall,
-            "step_ms": wall / steps * 1000, "peak_gb": peak_gb(trainer.device)}
+            "step_ms": wall / steps * 1000, "peak_gb": peak_gb(trainer.device),
+            "peak_reserved_gb": peak_reserved_gb(trainer.device)}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -654,9 +712,10 @@ def format_table(report: dict) -> str:
         peak_s = f"{peak:8.2f}" if peak is not None else "       -"
         pairs_s = f"{pairs:8.0f}" if pairs else "       -"
         notes = []
-        for key in ("step_ms", "batch_ms", "call_ms", "decode_ms", "resize_loop_ms",
+        for key in ("peak_reserved_gb", "step_ms", "batch_ms", "call_ms", "decode_ms",
+                    "resize_loop_ms",
                     "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s"):
-            if key in r:
+            if r.get(key) is not None:
                 notes.append(f"{key}={r[key]:.1f}" if isinstance(r[key], float)
                              else f"{key}={r[key]}")
         prof = r.get("profile")
@@ -761,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "eager" in models and default != "eager":
             other_ceiling("eager")
+        for k in (int(v) for v in args.accumulation.split(",") if v.strip()):
+            guarded(rows, "model-only", f"{default}:accum{k}", lambda k=k: measure_model(
+                trainer, views, steps, max(warmup, 3), models["default"], accumulation=k))
         views = []  # free the ceiling's inputs
         ceiling_row = ceilings["default"]
 
@@ -787,9 +849,11 @@ def main(argv: list[str] | None = None) -> int:
             augs["old"] = build_augment(
                 dataclasses.replace(cfg.augment, fill=["reflection"]), compile=True,
                 impl={"warp": "fused", "color": "fused", "blur": "fused"}).to(device)
+        wanted = {n.strip() for n in args.augment_rows.split(",") if n.strip()}
         for name, aug in augs.items():
-            guarded(rows, "augment", name, lambda aug=aug: measure_augment(
-                aug, images, steps, 3, trainer.staging.generator))
+            if name in wanted:
+                guarded(rows, "augment", name, lambda aug=aug: measure_augment(
+                    aug, images, steps, 3, trainer.staging.generator))
 
         # (d) end to end through Trainer.run; the CUDA-graph ceiling just before its first
         # variant (its graph pools would otherwise count in the peaks of the other rows)

@@ -122,13 +122,18 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), mode.lower()
 
 
-def prepare_jpeg(data: bytes, *, max_side: int | None, quality: int) -> Prepared:
+def prepare_jpeg(data: bytes, *, max_side: int | None, quality: int,
+                 min_side: int | None = None) -> Prepared:
     """Source file bytes -> RGB JPEG bytes for a shard. Raises `BadImage` with the reason.
 
-    The original bytes are kept when the file is a baseline RGB JPEG with no EXIF rotation to
-    apply and no side above `max_side`; everything else is converted and re-encoded.
+    `max_side`: the longer side at most; `min_side`: the shorter side shrunk to it (never
+    enlarged), the pre-shrink that matches a reader at `data.image_size = min_side`: a longer-
+    side bound leaves the shorter side of wide images below the reader's side, which then
+    upsamples them. The original bytes are kept when the file is a baseline RGB JPEG with no
+    EXIF rotation to apply and nothing to shrink; everything else is converted and re-encoded.
     """
-    draft = max_side if max_side else None
+    bounds = [s for s in (max_side, min_side) if s]
+    draft = min(bounds) if bounds else None  # DCT downscale keeping both sides >= draft
     img = open_image(data, draft_side=draft)
     fmt, mode = img.format or "?", img.mode
     # The size stored in the file (draft may have decoded a reduced version).
@@ -144,9 +149,15 @@ def prepare_jpeg(data: bytes, *, max_side: int | None, quality: int) -> Prepared
     rgb, note = to_rgb(img)
     if note:
         notes.append(note)
+    if min_side and min(rgb.size) > min_side:
+        scale = min_side / min(rgb.size)
+        target = tuple(max(min_side, round(side * scale)) for side in rgb.size)
+        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        notes.append("resized")
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        notes.append("resized")
+        if "resized" not in notes:
+            notes.append("resized")
     keep = (
         fmt == "JPEG" and mode == "RGB" and not notes and rgb.size == original_size
         and data[:2] == JPEG_SOI

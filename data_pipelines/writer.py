@@ -321,7 +321,8 @@ def _encode_chunk(tasks: list[tuple[str, str, str, int | None, str | None]],
                 out.append({"ok": False, "rel": rel, "reason": f"unreadable ({exc.strerror or exc})"})
                 continue
             try:
-                prep = prepare_jpeg(data, max_side=options["max_side"], quality=options["quality"])
+                prep = prepare_jpeg(data, max_side=options["max_side"], quality=options["quality"],
+                                    min_side=options.get("min_side"))
             except BadImage as exc:
                 out.append({"ok": False, "rel": rel, "reason": str(exc)})
                 continue
@@ -421,6 +422,7 @@ def write_shards(
     max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_side: int | None = None,
+    min_side: int | None = None,
     quality: int = DEFAULT_QUALITY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     layout: Layout = "auto",
@@ -443,6 +445,8 @@ def write_shards(
                         f"max_bytes={max_bytes})")
     if max_side is not None and max_side < 1:
         raise DataError(f"--max-side must be positive, got {max_side}")
+    if min_side is not None and min_side < 1:
+        raise DataError(f"--min-side must be positive, got {min_side}")
     if not 1 <= quality <= 100:
         raise DataError(f"JPEG quality must be in 1..100, got {quality}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", prefix):
@@ -463,6 +467,8 @@ def write_shards(
         raise DataError(f"{out}: cannot create the output directory ({exc})") from None
 
     encode_options = {"max_side": max_side, "quality": quality, "max_pixels": max_pixels}
+    if min_side is not None:  # only when set: earlier writes keep their plan digests (resume)
+        encode_options["min_side"] = min_side
     plan = plan_shards(source.items, seed=seed, prefix=prefix, max_count=max_count,
                        max_bytes=max_bytes, encode_options=encode_options)
     # From here on the directory is "being written": no manifest until the end.

@@ -34,19 +34,19 @@ Per view and per sample (all probabilities are masks over the batch, never Pytho
 - normalisation with mean/std; on CUDA the views are channels_last.
 
 What runs where. Kornia's functionals with our per-sample parameters: gamma
-(`kornia.enhance.adjust_gamma`), solarize (`kornia.enhance.solarize`), and any
-`kornia.augmentation` module the config lists. Kornia's versions of the other stages are here
-too, selected per stage by `GpuAugment(impl=...)` and checked against the fused ones in the
-tests: the lighting chain (`adjust_brightness_accumulative`, `adjust_contrast_with_mean_
-subtraction`, `adjust_saturation_with_gray_subtraction`, `adjust_hue`, `kornia.color.
-rgb_to_grayscale`), the blur (`kornia.filters.gaussian_blur2d`) and the warp (`kornia.geometry.
-transform.warp_affine`, one call per fill kind). By default those three stay custom
+(`kornia.enhance.adjust_gamma`), the lighting chain (`adjust_brightness_accumulative`,
+`adjust_contrast_with_mean_subtraction`, `adjust_saturation_with_gray_subtraction`,
+`adjust_hue`, `kornia.color.rgb_to_grayscale`), solarize (`kornia.enhance.solarize`), and any
+`kornia.augmentation` module the config lists. Kornia's versions of the blur
+(`kornia.filters.gaussian_blur2d`) and the warp (`kornia.geometry.transform.warp_affine`, one
+call per fill kind) are here too, selected per stage by `build_augment(impl=...)` and checked
+against the fused ones in the tests, but by default those two stay custom
 (`augment_ops.DEFAULT_IMPL`), because the same-run benchmark (`benchmarks/augment_bench.py`,
-benchmarks/RESULTS.md) measured Kornia's versions 4.8 ms (colour + blur) and 2.8 ms (warp with
-a fill mixture) slower per ResNet-50 step than the fused ones: crop, zoom, rotation and flip are
-one `affine_grid + grid_sample` per view for any fill mixture; the colour chain is one 3x3 matrix
-plus an offset per sample; the blur is two batched matmuls by dense reflect-Gaussian matrices;
-white balance has no Kornia functional. Parameters come from one `torch.rand(B, NUM_UNIFORMS)`
+benchmarks/RESULTS.md) measured them 3.95 ms (blur) and 3.76 ms (warp with a fill mixture) slower
+per ResNet-50 step than the fused ones (kornia's colour chain: +0.44 ms, so it runs): crop, zoom,
+rotation and flip are one `affine_grid + grid_sample` per view for any fill mixture; the blur is
+two batched matmuls by dense reflect-Gaussian matrices. White balance has no Kornia functional
+(three channel gains before the chain). Parameters come from one `torch.rand(B, NUM_UNIFORMS)`
 per view followed by pure tensor maths (`sample_view`), so with `compile=True` each view
 (sampling + rendering) is one `torch.compile`d graph. The `augment.kornia` modules run eagerly
 after it.

@@ -301,12 +301,13 @@ def blur_to_channels_last(x: Tensor, matrix: Tensor) -> Tensor:
 # batched maths: one grid_sample for any fill mixture, the colour chain as one 3x3 matrix, the blur
 # as two matmuls). Gamma and solarize run through kornia in both. The default is what the
 # same-run benchmark chose (benchmarks/RESULTS.md, "Kornia functionals against the fused ops":
-# ResNet-50 views, B=256, two views, compiled, one H200): every stage fused 3.8 ms, colour and
-# blur through kornia 8.6 ms, all through kornia 11.4 ms, i.e. kornia's colour chain and blur
-# cost 4.8 ms and its per-fill warps 2.8 ms more per step, above the 1 ms a custom op may save.
+# ResNet-50 views, B=256, two views, compiled, one H200, one stage through kornia at a time):
+# every stage fused 3.78 ms; the colour chain through kornia +0.44 ms (under the 1 ms a custom op
+# may save, so kornia runs it); kornia's blur +3.95 ms and its per-fill warps +3.76 ms (above it,
+# so those two stay fused).
 STAGES = ("warp", "color", "blur")
 Impl = dict[str, str]
-DEFAULT_IMPL: Impl = {"warp": "fused", "color": "fused", "blur": "fused"}
+DEFAULT_IMPL: Impl = {"warp": "fused", "color": "kornia", "blur": "fused"}
 
 
 @dataclass(frozen=True)

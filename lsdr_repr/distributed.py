@@ -373,6 +373,16 @@ def all_true(flag: bool | torch.Tensor, device: torch.device | str | None = None
     return not any_true(_not(flag), device)
 
 
+def all_true_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: whether `flag` (0-d bool) holds on every rank, left on the device, so
+    a caller that reads it later (the deferred finite check) does not wait for the GPU now."""
+    if not is_distributed():
+        return flag
+    t = flag.detach().float()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.bool()
+
+
 def any_true(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
     """Whether `flag` holds on any rank (e.g. one saw the preemption signal): the same answer on
     every rank, so they all stop at the same step."""

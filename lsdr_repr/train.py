@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lsdr_repr import distributed as dist
+from lsdr_repr.accumulate import exact_accumulation_step
 from lsdr_repr.builders.augment import build_augment
 from lsdr_repr.builders.model import build_model
 from lsdr_repr.builders.objective import build_objective
@@ -33,6 +34,7 @@ from lsdr_repr.checkpoint import (
 from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
 from lsdr_repr.errors import ConfigError, LsdrError
+from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
@@ -184,6 +186,11 @@ class Trainer:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} gives "
                               f"{cfg.data.batch_size // self.world_size} image(s) per rank on "
                               f"{self.world_size} rank(s); at least 2 per rank are needed")
+        accumulation = cfg.optim.accumulation_steps
+        if accumulation < 1 or cfg.data.batch_size // self.world_size // max(1, accumulation) < 2:
+            raise ConfigError(f"optim.accumulation_steps={accumulation} must be >= 1 and leave "
+                              f"at least 2 images per micro-batch (data.batch_size="
+                              f"{cfg.data.batch_size} over {self.world_size} rank(s))")
         self.run_dir = Path(cfg.train.run_dir)
         self.global_batch = cfg.data.batch_size
         # Resolved (and each source's first shard opened) before the model is built: a source
@@ -193,7 +200,8 @@ class Trainer:
         if self.samples_per_epoch is None and env.rank == 0:
             log.info("%s: no shard manifest: logging steps and samples seen instead of epochs "
                      "(`lsdr shards index` writes one)", self.train_data.name)
-        self.autocast_dtype = _autocast_dtype(cfg.train.precision, device)
+        self.autocast_dtype = autocast_dtype(cfg.train.precision, device)
+        self.scaler = make_scaler(self.autocast_dtype, device)  # fp16 only
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
         model = build_model(cfg.model).to(device)
@@ -224,6 +232,12 @@ class Trainer:
         self._buffer_backup = [b.detach().clone() for b in self._buffers]
         self.optimizer = build_optimizer(model, cfg.optim, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.total_steps)
+        self.stepper = GuardedStep(
+            self.optimizer, model, clip_grad=cfg.optim.clip_grad, scaler=self.scaler,
+            buffers=self._buffers, backups=self._buffer_backup, world_size=self.world_size)
+        # Finite flags of steps not yet read on the host (deferred check): (step, flag).
+        self._pending_flags: list[tuple[int, bool | torch.Tensor]] = []
+        self._nonfinite_streak = 0
         loader = make_train_loader(
             cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
             data=self.train_data,
@@ -273,6 +287,8 @@ class Trainer:
     def _restore(self, path: Path, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         self.skipped_samples = int(state.get("skipped_samples", 0))
@@ -323,7 +339,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": None,  # bf16 autocast needs no loss scaling
+            # fp16's loss scale (bf16 and fp32 need none): a resume continues at the same scale
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs,
             "data_state": data_states,
             "config": self.config_dict,
@@ -337,57 +354,72 @@ class Trainer:
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
-    def model_step(self, views: list[torch.Tensor]) -> bool:
+    # ------------------------------------------------------------------------------- step
+    def model_step(self, views: list[torch.Tensor]) -> bool | torch.Tensor:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
-        that benchmarks compare the end-to-end rate with. Returns whether it was applied."""
+        that benchmarks compare the end-to-end rate with. Returns whether the loss was finite
+        (the step applied): a bool, or a 0-d bool tensor on the device when deferred."""
         return self._train_step([views])[3]
 
     def _train_step(
         self, chunks: list[list[torch.Tensor]] | torch.Tensor, prefetch: bool = False
-    ) -> tuple[torch.Tensor, object, list, bool]:
+    ) -> tuple[torch.Tensor, object, list, bool | torch.Tensor]:
         """One optimiser step over micro-batches (the views of each, or uint8 images to augment
-        here); returns the loss, the last loss output, the last views, and whether the step was
-        applied (finite). prefetch: stage the next batch once this step's kernels are queued,
-        before the step synchronises."""
+        here; more than one: exact accumulation); returns the loss, the last loss output, the
+        last views, and whether the loss was finite (bool, or a device tensor when the check is
+        deferred: `GuardedStep`). prefetch: stage the next batch once this step's kernels are
+        queued, before anything synchronises."""
         if isinstance(chunks, torch.Tensor):
             chunks = self.staging.views(chunks)
         # BatchNorm running statistics change in the forward pass; a skipped (non-finite) step
         # must not leave NaNs in them, so they are backed up (one fused copy) and restored.
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
-        total = torch.zeros((), device=self.device)
-        out = views = None
-        for i, views in enumerate(chunks):
-            sync = i == len(chunks) - 1 or not isinstance(
-                self.multiview, nn.parallel.DistributedDataParallel
-            )
-            ctx = contextlib.nullcontext() if sync else self.multiview.no_sync()
-            with ctx:
-                with torch.autocast(
-                    self.device.type, dtype=self.autocast_dtype,
-                    enabled=self.autocast_dtype != torch.float32,
-                ):
-                    outputs = self.multiview(views)
-                out = self.loss_fn([o.projection for o in outputs], [o.stages for o in outputs])
-                (out.total / len(chunks)).backward()
-            total = total + out.total.detach() / len(chunks)
+        if len(chunks) > 1:
+            total, out, self._last_projection = self._accumulated(chunks)
+            views = chunks[-1]
+        else:
+            views = chunks[0]
+            with self._autocast():
+                outputs = self.multiview(views)
+            out = self.loss_fn([o.projection for o in outputs], [o.stages for o in outputs])
+            self.stepper.backward(out.total)
+            total = out.total.detach()
+            self._last_projection = outputs[0].projection.detach()
         if prefetch:
             self.staging.prefetch()
-        finite = torch.isfinite(total)
-        if self.world_size > 1:
-            finite = finite.float()
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            finite = finite.bool()
-        applied = bool(finite)
-        if not applied and self._buffers:
-            torch._foreach_copy_(self._buffers, self._buffer_backup)
-        if applied:
-            if self.cfg.optim.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._last_projection = outputs[0].projection.detach()
+        applied = self.stepper.step(total)
         return total, out, views, applied
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype != torch.float32)
+
+    def _accumulated(self, chunks: list[list[torch.Tensor]]) -> tuple[torch.Tensor, object,
+                                                                      torch.Tensor]:
+        """optim.accumulation_steps > 1: the full-batch loss and gradient by feature caching
+        (lsdr_repr.accumulate); returns the loss, the last loss output, the first view's
+        projections of the whole batch."""
+        ddp = isinstance(self.multiview, nn.parallel.DistributedDataParallel)
+        inner = self.multiview.module if ddp else self.multiview
+
+        def run(module: nn.Module) -> Callable[[list[torch.Tensor]], list]:
+            def forward(views: list[torch.Tensor]) -> list:
+                with self._autocast():
+                    return module(views)
+            return forward
+
+        def sync_context(last: bool) -> contextlib.AbstractContextManager:
+            return contextlib.nullcontext() if last or not ddp else self.multiview.no_sync()
+
+        def restore_buffers() -> None:
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_backup)
+
+        return exact_accumulation_step(
+            chunks, forward=run(self.multiview), forward_no_grad=run(inner),
+            loss_fn=self.loss_fn, backward=self.stepper.backward, sync_context=sync_context,
+            restore_buffers=restore_buffers, device=self.device)
 
     # -------------------------------------------------------------------------------- run
     def run(self, max_steps: int | None = None) -> TrainResult:
@@ -397,7 +429,7 @@ class Trainer:
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
         own_flag = self.preempt is None
         preempt = PreemptionFlag(cfg.preempt_signal) if own_flag else self.preempt
-        nonfinite_streak = 0
+        self._nonfinite_streak = 0
         last_ckpt: Path | None = None
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         exit_code = EXIT_OK
@@ -429,26 +461,16 @@ class Trainer:
                 self.step += 1
                 self.scheduler.step_update(self.step)
                 window_samples += self.global_batch
-                if applied:
-                    nonfinite_streak = 0
-                else:
-                    nonfinite_streak += 1
-                    self.nonfinite_total += 1
-                    self.checkpointer.note_nonfinite(self.step)
-                    log.warning("step %d: non-finite loss, step skipped (%d in a row)",
-                                self.step, nonfinite_streak)
-                    if nonfinite_streak >= cfg.max_nonfinite_steps:
-                        good = self.checkpointer.good
-                        kept = (f"the last good checkpoint is {good}"
-                                if good else "no checkpoint was written before it")
-                        raise TrainingDiverged(
-                            f"loss was non-finite for {nonfinite_streak} steps in a row at step "
-                            f"{self.step} (since step {self.step - nonfinite_streak + 1}); no "
-                            f"checkpoint written since, {kept} (lower optim.lr or set "
-                            f"optim.clip_grad)"
-                        )
+                self._pending_flags.append((self.step, applied))
+                # Deferred: the newest step's flag stays on the device (the host runs ahead);
+                # every boundary below that acts on the state reads all of them first.
+                self._resolve_flags(keep=1 if self.stepper.deferred else 0)
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                due_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
+                due_save = self.checkpointer.due(self.step)
+                if due_log or due_save or self.step >= end:
+                    self._resolve_flags(keep=0)
+                if due_log:
                     elapsed = time.perf_counter() - window_start
                     metrics = self._metrics(loss, out, window_samples / elapsed,
                                             window_wait / elapsed)
@@ -461,13 +483,15 @@ class Trainer:
                                      self.step)
 
                 stop = self._agree(preempt.is_set)
+                if stop:
+                    self._resolve_flags(keep=0)
                 if stop and self.step >= cfg.total_steps:
                     # The signal came during the final step: the run is complete, and exit 3
                     # would make the SLURM script requeue a finished job.
                     log.info("received %s during the final step: the run is complete",
                              preempt.received.name if preempt.received else "a signal")
                     stop = False
-                if stop or self.checkpointer.due(self.step):
+                if stop or due_save:
                     last_ckpt = self.checkpointer.save(
                         self.step, self._checkpoint_state, self._weights_finite,
                         final=stop or self.step == cfg.total_steps) or last_ckpt
@@ -478,6 +502,7 @@ class Trainer:
                     break
                 if self.step_hook is not None:
                     self.step_hook(self)
+            self._resolve_flags(keep=0)
             paused = self.step < cfg.total_steps and exit_code == EXIT_OK
         except TrainingDiverged as exc:
             log.error("%s", exc)
@@ -495,6 +520,29 @@ class Trainer:
             log.info("done: step %d; checkpoint %s; W&B run %s", self.step, last_ckpt,
                      self.tracker.run_path)
         return TrainResult(exit_code, self.step, self.run_dir, last_ckpt, self.tracker.run_path)
+
+    def _resolve_flags(self, keep: int) -> None:
+        """Read the finite flags of all but the newest `keep` pending steps (a sync only for
+        flags still on the device) and apply the divergence rule to each, in step order."""
+        while len(self._pending_flags) > keep:
+            step, flag = self._pending_flags.pop(0)
+            if bool(flag):
+                self._nonfinite_streak = 0
+                continue
+            self._nonfinite_streak += 1
+            streak = self._nonfinite_streak
+            self.nonfinite_total += 1
+            self.checkpointer.note_nonfinite(step)
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, streak)
+            if streak >= self.cfg.train.max_nonfinite_steps:
+                self._pending_flags.clear()
+                good = self.checkpointer.good
+                kept = (f"the last good checkpoint is {good}"
+                        if good else "no checkpoint was written before it")
+                raise TrainingDiverged(
+                    f"loss was non-finite for {streak} steps in a row at step {step} (since "
+                    f"step {step - streak + 1}); no checkpoint written since, {kept} (lower "
+                    f"optim.lr or set optim.clip_grad)")
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw the preemption signal (they stop at the same step)."""
@@ -517,6 +565,10 @@ class Trainer:
             metrics["epoch"] = self.step * self.global_batch / self.samples_per_epoch
         if self.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            # CUDA-graph pools (compile_mode=reduce-overhead) are reserved, not allocated
+            metrics["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        if self.scaler is not None:  # fp16: falls when the scaler skips an overflowing step
+            metrics["amp/loss_scale"] = self.scaler.get_scale()
         diag = embedding_diagnostics(self._last_projection)
         metrics.update({f"diag/{k}": v for k, v in diag.items()})
         return metrics
@@ -536,12 +588,6 @@ class Trainer:
             self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
                                       num_samples=z.shape[0],  # this rank's batch
                                       rankme=embedding_diagnostics(z)["rankme"])
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return torch.float32
-    return torch.bfloat16
 
 
 def schedule_changes(saved: dict, current: dict) -> list[str]:

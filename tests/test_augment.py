@@ -470,10 +470,12 @@ def test_a_batch_through_gpu_augment_runs_kornia_functionals():
             sys.setprofile(None)
         return set(ran)
 
-    # the default path: gamma and solarize are kornia's functionals, then the config's module
     default = kornia_calls(None)
-    assert {"adjust_gamma", "solarize", "forward"} <= default, sorted(default)
-    assert "adjust_hue" not in default  # the fused colour matrix (DEFAULT_IMPL)
+    # the default path: gamma, the colour chain and solarize are kornia's functionals, then the
+    # config's module; the warp and the blur are the fused maths (DEFAULT_IMPL)
+    assert {"adjust_gamma", "adjust_brightness_accumulative", "adjust_hue", "rgb_to_grayscale",
+            "solarize", "forward"} <= default, sorted(default)
+    assert not {"warp_affine", "gaussian_blur2d"} & default
     every = kornia_calls(ALL_KORNIA)
     expected = {"adjust_gamma", "adjust_brightness_accumulative",
                 "adjust_contrast_with_mean_subtraction", "adjust_saturation_with_gray_subtraction",

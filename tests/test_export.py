@@ -101,7 +101,8 @@ def _probe_input(size: int = 32, batch: int = 4) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory) -> Path:
-    """A run of the real trainer (`lsdr train configs/demo.yaml`, a few steps on tiny shards)."""
+    """A run of the real trainer (`lsdr train configs/demo.yaml`, a few steps on tiny shards), with
+    the layer-wise terms on the last stage turned on so the model card must name them."""
     from data_pipelines.writer import write_shards
     from tests.test_eval import write_image_folder
 
@@ -112,7 +113,10 @@ def trainer_run(tmp_path_factory) -> Path:
     code = main(["train", str(REPO / "configs" / "demo.yaml"), f"data.train_shards={shards}",
                  f"train.run_dir={run}", "data.image_size=32", "data.batch_size=16",
                  "data.num_workers=0", "data.shuffle_buffer=16", "augment.crop_size=24",
-                 "model.projector=[64, 64]", "train.total_steps=3", "train.checkpoint_every=3",
+                 "model.projector=[64, 64]", "model.stages=[4]", "objective.layer_weights=[0.5]",
+                 "objective.layer_invariance_weights=[16.0]",
+                 "objective.layer_variance_weights=[25.0]",
+                 "train.total_steps=3", "train.checkpoint_every=3",
                  "train.device=cpu", "train.image_grid_every=0", "train.spectrum_every=0",
                  "log.progress=false", "log.wandb.mode=disabled"])
     assert code == 0
@@ -168,7 +172,7 @@ def test_timm_export_round_trip_in_a_fresh_process(runs, timm_exports, trainer_r
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
         ("config.json", "model.safetensors", "README.md"), 0o666 & ~umask)
-    # The model card names every weight of the demo objective, the layer-wise ones included.
+    # The model card names every weight of the objective, the layer-wise ones included.
     card = (out / "README.md").read_text()
     objective = trained.config.objective
     for text in (f"invariance {objective.invariance_weight}",

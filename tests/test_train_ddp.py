@@ -39,9 +39,8 @@ def run_worker(nproc: int, out: Path, overrides: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.distributed
-def test_two_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, tmp_path):
-    common = [
+def ddp_common(sample_shards) -> list[str]:
+    return [
         f"data.train_shards={sample_shards['train']}", "data.image_size=32",
         "data.batch_size=16", "data.num_workers=0", "train.device=cpu",
         "log.wandb.mode=disabled", "log.progress=false", "optim.warmup_steps=0",
@@ -51,10 +50,20 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, t
         "optim.name=lars", "optim.lr=0.3", "optim.lars_trust=0.02",
         *IDENTITY_AUGMENT, *VIT,
     ]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, tmp_path,
+                                                                accumulation):
+    """accumulation 2: each rank splits its 8 images into 2 micro-batches (features cached,
+    all-gathered in the loss, no_sync on the first): still the one-process 16-image step."""
+    common = ddp_common(sample_shards)
     results = {}
-    for nproc in (1, 2):
+    for nproc, k in ((1, 1), (2, accumulation)):
         out = tmp_path / f"world{nproc}.pt"
-        run_worker(nproc, out, [*common, f"train.run_dir={tmp_path / f'run{nproc}'}"])
+        run_worker(nproc, out, [*common, f"train.run_dir={tmp_path / f'run{nproc}'}",
+                                f"optim.accumulation_steps={k}"])
         results[nproc] = torch.load(out, weights_only=True)
     one, two = results[1], results[2]
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)

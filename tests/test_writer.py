@@ -207,6 +207,21 @@ def test_max_side_reencodes_keeping_aspect_ratio(tmp_path):
     assert samples["small.jpg"]["jpg"] == (tmp_path / "src" / "small.jpg").read_bytes()
 
 
+def test_min_side_shrinks_the_shorter_side_and_never_enlarges(tmp_path):
+    """The pre-shrink for a reader at image_size=N: wide images keep a shorter side of N (a
+    longer-side bound would leave it below N and the reader would upsample them)."""
+    save_image(tmp_path / "src" / "wide.jpg", (300, 100), seed=1)
+    save_image(tmp_path / "src" / "tall.jpg", (90, 180), seed=3)
+    save_image(tmp_path / "src" / "small.jpg", (40, 30), seed=2)
+    write_shards(tmp_path / "src", tmp_path / "out", min_side=48, workers=1)
+    samples = by_source(tmp_path / "out")
+    assert Image.open(io.BytesIO(samples["wide.jpg"]["jpg"])).size == (144, 48)
+    assert Image.open(io.BytesIO(samples["tall.jpg"]["jpg"])).size == (48, 96)
+    assert samples["small.jpg"]["jpg"] == (tmp_path / "src" / "small.jpg").read_bytes()
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["writer"]["options"]["min_side"] == 48
+
+
 def test_no_usable_file_is_an_error_with_a_report(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("x")

@@ -34,6 +34,9 @@ def register(sub) -> None:
                    help="source bytes per shard at most, e.g. 256MB, 1GiB (default: %(default)s)")
     p.add_argument("--max-side", type=int, default=None, metavar="N",
                    help="re-encode images whose longer side exceeds N, keeping the aspect ratio")
+    p.add_argument("--min-side", type=int, default=None, metavar="N",
+                   help="shrink images so their shorter side is N (never enlarged): the "
+                   "pre-shrink for a reader at data.image_size=N, which then never upsamples")
     p.add_argument("--quality", type=int, default=None, metavar="Q",
                    help="JPEG quality of re-encoded images (default: 95)")
     p.add_argument("--layout", choices=["auto", "imagefolder", "flat"], default="auto",
@@ -110,7 +113,8 @@ def _cmd_write(args: argparse.Namespace) -> int:
         kwargs["max_pixels"] = args.max_pixels
     result = writer.write_shards(
         args.src, args.out, prefix=args.prefix, seed=args.seed,
-        max_bytes=writer.parse_size(args.max_size), max_side=args.max_side, layout=args.layout,
+        max_bytes=writer.parse_size(args.max_size), max_side=args.max_side,
+        min_side=args.min_side, layout=args.layout,
         workers=args.workers, progress=not args.no_progress, follow_links=args.follow_links,
         overwrite=args.overwrite, **kwargs)
     m = result.manifest

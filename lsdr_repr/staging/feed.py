@@ -49,8 +49,13 @@ class Staging:
         """The next staged batch: ((views of each micro-batch, skipped samples), snapshot,
         host seconds waited for the loader)."""
         if self._feed is None:
-            self._feed = Prefetcher(iter(self.loader), self.stage, self.device,
-                                    snapshot=self._snapshot)
+            # iter() draws the loader's base seed from the global generator (unused: the
+            # reader seeds itself), which a resumed run would then draw at another point of
+            # the stream than an uninterrupted one: drop-path masks would differ.
+            rng = torch.get_rng_state()
+            batches = iter(self.loader)
+            torch.set_rng_state(rng)
+            self._feed = Prefetcher(batches, self.stage, self.device, snapshot=self._snapshot)
         self._feed.ahead = self.ahead
         return next(self._feed)
 
