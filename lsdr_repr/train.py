@@ -96,7 +96,7 @@ def resolve_device_type(requested: str) -> str:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return "cpu"
     if not torch.cuda.is_available():
-        raise LsdrError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
     return "cuda"
 
 
