@@ -10,7 +10,6 @@ from lsdr_repr import distributed as dist
 from lsdr_repr.config import ObjectiveConfig
 from lsdr_repr.errors import ConfigError
 from lsdr_repr.objectives import (
-    LAYER_DECORRELATION,
     OBJECTIVES,
     TWO_VIEW_OBJECTIVES,
     BarlowTwinsLoss,
@@ -41,33 +40,26 @@ def build_objective(
                           f"(augment.num_views + augment.local_crops; multi-crop needs "
                           f"objective.name=lsdr)")
     if name == "lsdr":
-        if objective_cfg.layer_decorrelation not in LAYER_DECORRELATION:
-            raise ConfigError(f"objective.layer_decorrelation: expected one of "
-                              f"{' | '.join(LAYER_DECORRELATION)}, got "
-                              f"{objective_cfg.layer_decorrelation!r}")
         weights = list(objective_cfg.layer_weights)
         if stages is not None and len(stages) != len(weights):
             raise ConfigError(f"objective.layer_weights has {len(weights)} entries but "
                               f"model.stages has {len(stages)}: give one weight per stage")
-        for key in ("layer_invariance_weights", "layer_variance_weights"):
-            given = getattr(objective_cfg, key)
-            if given and len(given) != len(weights):
-                raise ConfigError(f"objective.{key} has {len(given)} entries but "
-                                  f"objective.layer_weights has {len(weights)}: give "
-                                  f"one per stage (or none)")
-        return LSDRLoss(
-            invariance_weight=objective_cfg.invariance_weight,
-            variance_weight=objective_cfg.variance_weight,
-            decorrelation_weight=objective_cfg.decorrelation_weight,
-            gamma=objective_cfg.gamma,
-            eps=objective_cfg.eps,
-            layer_weights=weights,
-            stage_labels=list(stages) if stages is not None else None,
-            layer_decorrelation=objective_cfg.layer_decorrelation,
-            layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
-            layer_variance_weights=list(objective_cfg.layer_variance_weights),
-            gather=gather,
-        )
+        try:
+            return LSDRLoss(
+                invariance_weight=objective_cfg.invariance_weight,
+                variance_weight=objective_cfg.variance_weight,
+                decorrelation_weight=objective_cfg.decorrelation_weight,
+                gamma=objective_cfg.gamma,
+                eps=objective_cfg.eps,
+                layer_weights=weights,
+                stage_labels=list(stages) if stages is not None else None,
+                layer_decorrelation=objective_cfg.layer_decorrelation,
+                layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
+                layer_variance_weights=list(objective_cfg.layer_variance_weights),
+                gather=gather,
+            )
+        except ValueError as exc:  # the loss's own checks, which name the config keys
+            raise ConfigError(str(exc)) from None
     if (objective_cfg.layer_weights or objective_cfg.layer_invariance_weights
             or objective_cfg.layer_variance_weights):
         raise ConfigError(f"objective.layer_weights, layer_invariance_weights and "
@@ -83,3 +75,4 @@ def build_objective(
             gather=gather,
         )
     return BarlowTwinsLoss(lambd=objective_cfg.barlow_lambda, gather=gather)
+
