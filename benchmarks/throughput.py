@@ -343,17 +343,15 @@ def measure_model(trainer: Any, views: list[torch.Tensor], steps: int, warmup: i
                   multiview: Any, accumulation: int = 1) -> dict:
     """Model-only steps on fixed views; accumulation k: the same batch as k micro-batches
     through the trainer's exact accumulation (optim.accumulation_steps=k)."""
-    saved = trainer.multiview
-    trainer.multiview = multiview
     chunks = [list(c) for c in zip(*(v.chunk(accumulation) for v in views))]
 
     def step() -> None:
         if accumulation == 1:
             trainer.model_step(views)
         else:
-            trainer._train_step(chunks)
+            trainer.train_step(chunks)
 
-    try:
+    with trainer.forward_module(multiview):
         start = time.perf_counter()
         for _ in range(warmup):
             step()
@@ -365,8 +363,6 @@ def measure_model(trainer: Any, views: list[torch.Tensor], steps: int, warmup: i
             step()
         sync(trainer.device)
         wall = time.perf_counter() - start
-    finally:
-        trainer.multiview = saved
     pairs = steps * trainer.global_batch / wall
     return {"pairs_per_s": pairs, "step_ms": wall / steps * 1000, "warmup_s": first_s,
             "peak_gb": peak_gb(trainer.device),
@@ -407,8 +403,8 @@ def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
     from data_pipelines.reader import ShardStream, resolve_shards
     from lsdr_repr.staging.device import (
         _decode_jpeg,
-        _resize_center_crop,
-        _resize_center_crop_batch,
+        resize_center_crop,
+        resize_center_crop_batch,
     )
 
     device = trainer.device
@@ -424,7 +420,7 @@ def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
         for i, img in enumerate(decoded):
             groups.setdefault(tuple(img.shape[-2:]), []).append(i)
         for idx in groups.values():
-            out[idx] = _resize_center_crop(torch.stack([decoded[i] for i in idx]), size)
+            out[idx] = resize_center_crop(torch.stack([decoded[i] for i in idx]), size)
         return out
 
     def timed(fn: Callable[[], Any]) -> float:
@@ -439,8 +435,8 @@ def measure_gpu_resize(trainer: Any, data_cfg: Any, iters: int) -> dict:
     decode_ms = timed(lambda: _decode_jpeg(jpegs, device))
     decoded = _decode_jpeg(jpegs, device)
     loop_ms = timed(per_size_loop)
-    batched_ms = timed(lambda: _resize_center_crop_batch(decoded, size))
-    diff = (per_size_loop().float() - _resize_center_crop_batch(decoded, size).float()).abs()
+    batched_ms = timed(lambda: resize_center_crop_batch(decoded, size))
+    diff = (per_size_loop().float() - resize_center_crop_batch(decoded, size).float()).abs()
     return {"decode_ms": decode_ms, "resize_loop_ms": loop_ms, "resize_batched_ms": batched_ms,
             "distinct_sizes": len({tuple(d.shape[-2:]) for d in decoded}),
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
@@ -495,15 +491,15 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
 
     # the trainer's own generator, micro-batches and device; this row's loader, augmentation
     # and overlap
-    saved_staging, saved_model = trainer.staging, trainer.multiview
+    saved_staging = trainer.staging
     trainer.staging = Staging(loader, augment, saved_staging.generator, trainer.device,
                               micro_batches=saved_staging.micro_batches, ahead=overlap)
-    trainer.multiview = multiview
     trainer.step_hook = hook
     result: dict = {}
     try:
         start = time.perf_counter()
-        trainer.run(max_steps=warmup + steps)
+        with trainer.forward_module(multiview):
+            trainer.run(max_steps=warmup + steps)
         sync(trainer.device)
         wall = stamps[-1] - stamps[warmup - 1]
         result = {
@@ -516,10 +512,11 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
         }
         if profile_steps:
             trainer.step_hook = None
-            result["profile"] = profile_steps_of(trainer, profile_steps, profile_dir, name)
+            with trainer.forward_module(multiview):
+                result["profile"] = profile_steps_of(trainer, profile_steps, profile_dir, name)
     finally:
         trainer.step_hook = None
-        trainer.staging, trainer.multiview = saved_staging, saved_model
+        trainer.staging = saved_staging
         close_loader(loader)
     return result
 

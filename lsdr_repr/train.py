@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -355,13 +355,23 @@ class Trainer:
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
     # ------------------------------------------------------------------------------- step
+    @contextlib.contextmanager
+    def forward_module(self, multiview: nn.Module) -> Iterator[None]:
+        """Steps inside run `multiview` (a MultiView of the same model: eager, CUDA graphs) instead
+        of the trainer's own forward module; benchmarks compare them on one trainer."""
+        saved, self.multiview = self.multiview, multiview
+        try:
+            yield
+        finally:
+            self.multiview = saved
+
     def model_step(self, views: list[torch.Tensor]) -> bool | torch.Tensor:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
         that benchmarks compare the end-to-end rate with. Returns whether the loss was finite
         (the step applied): a bool, or a 0-d bool tensor on the device when deferred."""
-        return self._train_step([views])[3]
+        return self.train_step([views])[3]
 
-    def _train_step(
+    def train_step(
         self, chunks: list[list[torch.Tensor]] | torch.Tensor, prefetch: bool = False
     ) -> tuple[torch.Tensor, object, list, bool | torch.Tensor]:
         """One optimiser step over micro-batches (the views of each, or uint8 images to augment
@@ -457,7 +467,7 @@ class Trainer:
                 window_wait += staged.wait_s
                 self.skipped_samples += skipped
 
-                loss, out, views, applied = self._train_step(chunks, prefetch=self.step + 1 < end)
+                loss, out, views, applied = self.train_step(chunks, prefetch=self.step + 1 < end)
                 self.step += 1
                 self.scheduler.step_update(self.step)
                 window_samples += self.global_batch

@@ -27,7 +27,7 @@ def main() -> None:
         local = images.chunk(env.world_size)[env.rank]
         losses = []
         for _ in range(2):
-            loss, out, _, applied = trainer._train_step(local)
+            loss, out, _, applied = trainer.train_step(local)
             assert applied
             losses.append(float(loss))
         if env.rank == 0:

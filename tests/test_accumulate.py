@@ -153,7 +153,7 @@ def test_trainer_step_with_accumulation_equals_the_large_batch(sample_shards, tm
                               *optim)
         losses = []
         for _ in range(2):  # the second step sees the weights the first one updated
-            loss, _, _, applied = trainer._train_step(images)
+            loss, _, _, applied = trainer.train_step(images)
             assert bool(applied)
             losses.append(float(loss))
         results[k] = losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -33,7 +33,7 @@ def make(name: str, precision: str):
 
 
 def one_step(model, stepper, scaler, *, poison: bool):
-    torch._foreach_copy_(stepper.backups, stepper.buffers)  # as Trainer._train_step does
+    torch._foreach_copy_(stepper.backups, stepper.buffers)  # as Trainer.train_step does
     x = torch.randn(32, 6)
     with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
         loss = model(x).float().pow(2).mean()

@@ -45,7 +45,7 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], size: int, device: torch.de
     One batched nvJPEG call on CUDA (torchvision.io.decode_jpeg on a list, the hardware JPEG
     decoder where the GPU has one), then one batched resize for the whole batch, whatever the
     mix of image sizes (antialiased bilinear: shorter side to `size`, centre crop; see
-    `_resize_center_crop_batch`): no per-image Python work beyond one copy each. An image that
+    `resize_center_crop_batch`): no per-image Python work beyond one copy each. An image that
     fails to decode falls back to PIL on the CPU; if that fails too it is replaced by the batch's
     previous image (logged) so every rank keeps its batch size.
     """
@@ -59,9 +59,9 @@ def decode_jpeg_batch(jpegs: Sequence[torch.Tensor], size: int, device: torch.de
         raise DataError("no image of the batch could be decoded")
     images = [decoded[i] for i in good]
     if len({tuple(img.shape[-2:]) for img in images}) == 1:
-        resized = _resize_center_crop(torch.stack(images), size)
+        resized = resize_center_crop(torch.stack(images), size)
     else:
-        resized = _resize_center_crop_batch(images, size)
+        resized = resize_center_crop_batch(images, size)
     if len(good) == len(decoded):
         return resized
     log.warning("%d of %d JPEGs in a batch could not be decoded; repeating neighbours",
@@ -98,7 +98,7 @@ def _decode_one(jpeg: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return None
 
 
-def _resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N,3,H,W] -> uint8 [N,3,size,size]: shorter side to size (antialiased bilinear),
     centre crop (the geometry of the CPU path, `PIL.ImageOps.fit`)."""
     h, w = images.shape[-2:]
@@ -133,9 +133,9 @@ def resize_matrix(lengths: torch.Tensor, size: int, padded: int, dtype: torch.dt
     return (weights / weights.sum(dim=2, keepdim=True)).to(dtype)
 
 
-def _resize_center_crop_batch(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+def resize_center_crop_batch(images: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """B uint8 [3,H_i,W_i] images of any sizes -> uint8 [B,3,size,size], each as
-    `_resize_center_crop` would make it (centre square of side min(H_i,W_i), resized).
+    `resize_center_crop` would make it (centre square of side min(H_i,W_i), resized).
 
     The centre squares are copied into one zero-padded batch [B,3,M,M] (M: the largest side),
     then resized by two batched matmuls with per-image matrices (`resize_matrix`): out_b =
