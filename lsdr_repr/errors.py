@@ -19,3 +19,7 @@ class CheckpointError(LsdrError):
 
 class SubmitError(LsdrError):
     """A SLURM submission failed (sbatch's own message is carried in the text)."""
+
+
+class RunDirError(LsdrError):
+    """The run directory cannot be written (a full disk, a vanished mount, no permission)."""

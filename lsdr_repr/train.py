@@ -33,7 +33,7 @@ from lsdr_repr.checkpoint import (
 )
 from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
-from lsdr_repr.errors import ConfigError, LsdrError
+from lsdr_repr.errors import ConfigError, LsdrError, RunDirError
 from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
@@ -119,7 +119,7 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None,
         # A full disk or a vanished mount outside the checkpoint writer (config.yaml, the W&B id
         # file...): one line naming the file, not a traceback and an undocumented status.
         where = exc.filename or cfg.train.run_dir
-        raise LsdrError(f"{where}: {exc.strerror or exc} (the checkpoints written so far are "
+        raise RunDirError(f"{where}: {exc.strerror or exc} (the checkpoints written so far are "
                         "intact; run again to resume)") from exc
     finally:
         dist.cleanup()
