@@ -71,3 +71,33 @@ def test_the_dali_iterator_runs_on_past_its_epoch_boundary():
     it = throughput.endless_batches(AutoResetEpochs(per_epoch=3))
     batches = [next(it) for _ in range(8)]
     assert batches[2] == (0, 3) and batches[3] == (1, 1) and batches[7] == (2, 2)
+
+
+def test_fill_robustness_criterion_compares_each_fill_with_its_own_single_fill_arm():
+    import fill_robustness as fr
+
+    assert fr.parse_fills(["mix=zeros,reflection", "zeros=zeros"]) == {
+        "mix": ["zeros", "reflection"], "zeros": ["zeros"]}
+    try:
+        fr.parse_fills(["zeros"])
+    except SystemExit as e:
+        assert "NAME=fill" in str(e)
+    else:
+        raise AssertionError("a fill set without a name was accepted")
+
+    def row(rz, rr, zz, zr):
+        return {"rot 30 zeros": rz, "rot 30 refl": rr, "zoom-out 0.7 zeros": zz,
+                "zoom-out 0.7 refl": zr, "linear": 0.5}
+
+    runs = {"mix": [row(0.2, 0.5, 0.3, 0.6), row(0.4, 0.5, 0.3, 0.6)],
+            "zeros": [row(0.35, 0.1, 0.2, 0.1)] * 2,
+            "reflection": [row(0.1, 0.5, 0.1, 0.7)] * 2}
+    summary = fr.summarise(runs)
+    assert abs(summary["mix"]["rot 30 zeros"][0] - 0.3) < 1e-9
+    assert summary["mix"]["rot 30 zeros"][1] > 0 and summary["zeros"]["linear"][1] == 0
+    verdict = fr.criterion(summary, "mix")
+    assert [c for c, v in verdict.items() if not v["met"]] == ["rot 30 zeros", "zoom-out 0.7 refl"]
+    text = fr.markdown(summary, {"mix": verdict}, [0, 1], fr.parse_fills(
+        ["mix=zeros,reflection", "zeros=zeros", "reflection=reflection"]))
+    assert "rot 30 zeros: 0.300 vs zeros-only 0.350: NOT met" in text
+    assert "rot 30 refl: 0.500 vs reflection-only 0.500: met" in text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lsdr_repr.cli import build_parser
+from lsdr_repr.cli import build_parser, parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "timm", "kornia", "wandb", "webdataset")
@@ -99,3 +99,20 @@ def test_benchmarks_do_not_drive_the_cli():
         tree = ast.parse(path.read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not any(m and m.startswith("lsdr_repr.cli") for m in imported), path.name
+
+
+def test_overrides_may_follow_the_options():
+    args = parse_command_line(["demo", "runs/x", "--data", "d", "train.seed=1", "optim.lr=0.1"])
+    assert (args.run_dir, args.data) == ("runs/x", "d")
+    assert args.overrides == ["train.seed=1", "optim.lr=0.1"]
+    args = parse_command_line(["demo", "runs/x", "train.seed=1", "--data", "d", "optim.lr=0.1"])
+    assert args.overrides == ["train.seed=1", "optim.lr=0.1"]
+
+
+def test_a_stray_word_after_the_options_is_still_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_command_line(["demo", "runs/x", "--data", "d", "stray"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes no key=value
+        parse_command_line(["shards", "verify", "d", "a=b"])

@@ -50,8 +50,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             preempt.close()
 
 
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """argv -> the parsed command; key=value overrides may also follow the options.
+
+    argparse fills a command's `overrides` only from the positionals before its first option,
+    so `lsdr demo runs/x --data d train.seed=1` would be refused; the key=value words it leaves
+    over join the command's overrides instead. Anything else left over is the usual usage
+    error (exit 2).
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(argv))
+    extra = [word for word in rest if "=" in word and not word.startswith("-")]
+    if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def _main(argv: list[str], preempt) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     args.preempt = preempt
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
