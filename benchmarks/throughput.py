@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "augment eager|compiled|old (old: the fused ops before Kornia), workers: "
                    "empty for the default, model "
                    "default|eager|cg)")
+    p.add_argument("--order", choices=["once", "abba"], default="once",
+                   help="end-to-end variants once in the given order, or forward then reversed "
+                   "(each measured twice, rows NAME#1 and NAME#2): rows warm up in run order "
+                   "(benchmarks/RESULTS.md, issue 18: the same row gave 1907 and 2396 pairs/s "
+                   "first and last), so compare variants only within one pass or on abba")
     p.add_argument("--loader-rows", default="cpu:full,cpu:shrunk,gpu:full,gpu:shrunk",
                    help="loader-alone rows decode:shards[:workers]")
     p.add_argument("--augment-rows", default="eager,compiled,old",
@@ -751,6 +756,14 @@ def parse_loader_row(text: str, args: argparse.Namespace) -> dict:
             "name": f"{decode}:{shards}:w{workers}"}
 
 
+def end_to_end_order(variants: list[dict], order: str) -> list[tuple[dict, str]]:
+    """(variant, row name) in run order: once, or A B ... B A with the pass in the name."""
+    if order == "once":
+        return [(v, v["name"]) for v in variants]
+    return ([(v, f"{v['name']}#1") for v in variants]
+            + [(v, f"{v['name']}#2") for v in reversed(variants)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
@@ -856,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         # variant (its graph pools would otherwise count in the peaks of the other rows)
         profile = {int(i) % max(1, len(variants)) for i in args.profile_variants.split(",")
                    if i.strip()}
-        for i, v in enumerate(variants):
+        for v, label in end_to_end_order(variants, args.order):
             if v["decode"] == "gpu" and device.type != "cuda":
                 continue
             if v["model"] not in models:
@@ -864,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
             if v["model"] not in ceilings:
                 other_ceiling(v["model"])
             aug = augs.get(v["augment"], eager_aug)
-            guarded(rows, "end-to-end", v["name"], lambda v=v, aug=aug: measure_end_to_end(
+            guarded(rows, "end-to-end", label, lambda v=v, aug=aug: measure_end_to_end(
                 trainer, data_cfg_for(cfg, shards[v["shards"]], v["decode"], v["workers"]),
                 steps, warmup, v["overlap"], aug, models[v["model"]]))
             if rows[-1].get("pairs_per_s"):
@@ -885,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in sorted(profile):
             v = variants[i]
             target = next((r for r in rows if r["kind"] == "end-to-end"
-                           and r["name"] == v["name"] and "error" not in r), None)
+                           and r["name"].split("#")[0] == v["name"] and "error" not in r), None)
             if target is None:
                 continue
             try:

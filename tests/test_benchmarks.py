@@ -23,7 +23,7 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
         "--per-shard", "8", "--workers", "1", "--steps", "2", "--warmup", "1",
         "--variants", "cpu:full:off:eager,cpu:shrunk:on:eager",
         "--loader-rows", "cpu:full,cpu:shrunk", "--profile-variants", "-1",
-        "--profile-steps", "1", "--out", str(out), "--accumulation", "2",
+        "--profile-steps", "1", "--out", str(out), "--accumulation", "2", "--order", "abba",
         "--set", "model.projector=[32,32]", "augment.blur.kernel_size=3",
     ])
     assert code == 0
@@ -32,12 +32,17 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
     assert not [r for r in rows.values() if "error" in r], rows
     assert set(rows) == {
         "model-only eager", "model-only eager:accum2", "loader cpu:full:w1", "loader cpu:shrunk:w1", "augment eager",
-        "end-to-end cpu:full:off:eager:w1", "end-to-end cpu:shrunk:on:eager:w1",
+        "end-to-end cpu:full:off:eager:w1#1", "end-to-end cpu:shrunk:on:eager:w1#1",
+        "end-to-end cpu:shrunk:on:eager:w1#2", "end-to-end cpu:full:off:eager:w1#2",
     }
+    # A B B A: the second pass runs the variants in reverse
+    e2e_order = [r["name"] for r in report["rows"] if r["kind"] == "end-to-end"]
+    assert e2e_order == ["cpu:full:off:eager:w1#1", "cpu:shrunk:on:eager:w1#1",
+                         "cpu:shrunk:on:eager:w1#2", "cpu:full:off:eager:w1#2"]
     assert report["ceiling_row"] == "model-only eager"  # --compile off: the eager step
     for r in rows.values():
         assert r["pairs_per_s"] > 0 and r["pct_of_ceiling"] > 0
-    e2e = rows["end-to-end cpu:shrunk:on:eager:w1"]
+    e2e = rows["end-to-end cpu:shrunk:on:eager:w1#1"]
     assert 0.0 <= e2e["data_wait_frac"] <= 1.0
     assert e2e["profile"]["steps"] == 1
     # the pre-shrunk copy was written by `lsdr shards write --min-side S --max-side N`
@@ -46,7 +51,7 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
     assert manifest["writer"]["options"]["max_side"] == 40
     assert manifest["writer"]["options"]["min_side"] == 32  # --image-size
     table = capsys.readouterr().out
-    assert "end-to-end cpu:shrunk:on:eager:w1" in table and "% ceil" in table
+    assert "end-to-end cpu:shrunk:on:eager:w1#2" in table and "% ceil" in table
 
 
 class AutoResetEpochs:
