@@ -60,6 +60,9 @@ class DataConfig:
     num_workers: int = 8
     prefetch_factor: int = 4
     shuffle_buffer: int = 2000
+    # "gpu" (nvJPEG) is slower end to end than CPU decode wherever it was measured (H200:
+    # 79-82 % of the model-only ceiling against 90-91 %; H100: 74-75 %; benchmarks/RESULTS.md):
+    # keep "cpu" unless the CPUs, not the GPU, are what a profile shows waiting.
     decode: Literal["cpu", "gpu"] = "cpu"
     pin_memory: bool = True
     resampled: bool = True  # infinite stream of shards sampled with replacement
