@@ -525,6 +525,12 @@ class Trainer:
                 self.progress.close()
                 self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
                 self.tracker.finish()
+        if exit_code == EXIT_PREEMPTED:
+            # Every rank agreed to stop (`_agree`), so every rank is here. torchrun stops the
+            # other workers as soon as one exits non-zero: a rank other than 0 (which writes
+            # nothing) must not exit 3 while rank 0 is still writing the checkpoint or closing
+            # W&B.
+            dist.barrier()
         last_ckpt = last_ckpt or find_latest_valid(self.run_dir)
         if exit_code == EXIT_OK and not paused:
             log.info("done: step %d; checkpoint %s; W&B run %s", self.step, last_ckpt,

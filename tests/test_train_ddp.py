@@ -1,16 +1,23 @@
 """DDP under torchrun with real gloo processes: 2 ranks x 8 images give the same loss and the same
-updated weights as 1 process x 16 images (global-batch statistics, gradient averaging, lr scaling).
+updated weights as 1 process x 16 images (global-batch statistics, gradient averaging, lr scaling);
+a 2-rank `lsdr train` stopped mid-run (kill -9 of one rank, or the preemption signal to all)
+resumes to the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from lsdr_repr.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +78,128 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, t
     assert one["losses"][1] != one["losses"][0]  # the step changed the weights
     for key, value in one["model"].items():
         torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------ a rank stopped mid-run, resumed
+TOTAL_STEPS = 10
+
+
+def torchrun_train(shards: dict[str, Path], run_dir: Path) -> list[str]:
+    """`torchrun --nproc_per_node 2 -m lsdr_repr train` of a tiny demo run (gloo on CPU)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "lsdr_repr", "train", str(REPO / "configs" / "demo.yaml"),
+        f"data.train_shards={shards['train']}", f"train.run_dir={run_dir}",
+        "data.image_size=32", "data.batch_size=16", "data.num_workers=1",
+        "data.prefetch_factor=2", "data.shuffle_buffer=64", "augment.crop_size=24",
+        "model.projector=[64, 64, 64]", f"train.total_steps={TOTAL_STEPS}",
+        "train.checkpoint_every=2", "train.keep_checkpoints=10", "train.log_every=2",
+        "train.image_grid_every=0", "train.spectrum_every=0", "train.eval_every=0",
+        "train.device=cpu", "log.progress=false", "log.wandb.mode=disabled",
+    ]
+
+
+def launch(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt"))
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes, read from /proc (their RANK variable)."""
+    ranks = {}
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            env = (proc_dir / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        rank = next((e[5:] for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[int(rank)] = int(proc_dir.name)
+    return ranks
+
+
+def rank_exit_codes(report: str) -> dict[int, int]:
+    """The per-rank exit codes in torchrun's failure report."""
+    found = re.findall(r"rank\s+:\s+(\d+) \(local_rank: \d+\)\s+exitcode\s+:\s+(-?\d+)", report)
+    return {int(rank): int(code) for rank, code in found}
+
+
+def run_to_end(cmd: list[str]) -> str:
+    proc = launch(cmd)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sample_shards, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("ddp") / "uninterrupted"
+    run_to_end(torchrun_train(sample_shards, run_dir))
+    return load_checkpoint(run_dir / "checkpoints" / f"step-{TOTAL_STEPS:08d}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["kill -9 of rank 1", "SIGUSR2 to every rank"])
+def test_a_two_rank_run_stopped_mid_run_resumes_to_the_uninterrupted_weights(
+        sample_shards, uninterrupted, tmp_path, stop):
+    """kill -9 of one rank: the other fails within seconds (connection reset), not at a
+    collective timeout. SIGUSR2 to every rank (what SLURM sends each task): one checkpoint at
+    the step they stop at, every rank exits 3. Either way, the same torchrun command again
+    resumes both ranks to the weights and optimiser state of a run never stopped."""
+    run_dir = tmp_path / "run"
+    cmd = torchrun_train(sample_shards, run_dir)
+    proc = launch(cmd)
+    deadline = time.monotonic() + 240
+    while 4 not in (checkpoint_steps(run_dir) if (run_dir / "checkpoints").exists() else []):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 4"
+        time.sleep(0.05)
+    ranks = worker_pids(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    if stop.startswith("kill"):
+        os.kill(ranks[1], signal.SIGKILL)
+    else:
+        for pid in ranks.values():
+            os.kill(pid, signal.SIGUSR2)
+    t_stop = time.monotonic()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out[-4000:]  # torchrun's own status for failed workers
+    codes = rank_exit_codes(out)
+    saved = checkpoint_steps(run_dir)
+    assert saved[-1] < TOTAL_STEPS, saved
+    if stop.startswith("kill"):
+        assert codes[1] == -signal.SIGKILL and codes.get(0, 1) != 0, out[-4000:]
+        assert time.monotonic() - t_stop < 60  # failed fast, no collective timeout
+    else:
+        # The rank that leaves first exits 3; torchrun may then SIGTERM the other, which has
+        # already passed the barrier after the checkpoint (or exits 3 itself first).
+        assert 3 in codes.values(), out[-4000:]
+        assert set(codes.values()) <= {3, -signal.SIGTERM}, out[-4000:]
+        stopped = int(re.search(r"preempted at step (\d+): checkpoint", out).group(1))
+        assert saved[-1] == stopped and 4 <= stopped < TOTAL_STEPS, (saved, stopped)
+        assert load_checkpoint(run_dir / "checkpoints" / f"step-{stopped:08d}.pt")["step"] == stopped
+
+    resumed = run_to_end(cmd)
+    assert f"at step {saved[-1]}" in resumed and "resumed from" in resumed
+    final = load_checkpoint(run_dir / "checkpoints" / f"step-{TOTAL_STEPS:08d}.pt")
+    assert final["world_size"] == 2 and final["samples_seen"] == uninterrupted["samples_seen"]
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(final["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    expected = uninterrupted["optimizer"]["state"]
+    for index, state in expected.items():
+        for name, value in state.items():
+            torch.testing.assert_close(final["optimizer"]["state"][index][name], value,
+                                       rtol=1e-5, atol=1e-6, msg=f"optimizer {index} {name}")
