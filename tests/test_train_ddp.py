@@ -1,5 +1,5 @@
-"""DDP under torchrun with real gloo processes: 2 ranks x 8 images give the same loss and the same
-updated weights as 1 process x 16 images (global-batch statistics, gradient averaging, lr scaling);
+"""DDP under torchrun with real gloo processes: 2 ranks x 8 and 4 ranks x 4 images give the same
+loss and the same updated weights as 1 process x 16 images (global-batch statistics, gradient averaging, lr scaling);
 a 2-rank `lsdr train` stopped mid-run (kill -9 of one rank, or the preemption signal to all)
 resumes to the weights of an uninterrupted run.
 """
@@ -60,19 +60,20 @@ def ddp_common(sample_shards) -> list[str]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_two_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, tmp_path,
-                                                                accumulation):
-    """accumulation 2: each rank splits its 8 images into 2 micro-batches (features cached,
-    all-gathered in the loss, no_sync on the first): still the one-process 16-image step."""
+@pytest.mark.parametrize(("ranks", "accumulation"), [(2, 1), (2, 2), (4, 1)])
+def test_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, tmp_path, ranks,
+                                                            accumulation):
+    """2 ranks x 8 and 4 ranks x 4 images against 1 x 16. accumulation 2: each rank splits its
+    8 images into 2 micro-batches (features cached, all-gathered in the loss, no_sync on the
+    first): still the one-process 16-image step."""
     common = ddp_common(sample_shards)
     results = {}
-    for nproc, k in ((1, 1), (2, accumulation)):
+    for nproc, k in ((1, 1), (ranks, accumulation)):
         out = tmp_path / f"world{nproc}.pt"
         run_worker(nproc, out, [*common, f"train.run_dir={tmp_path / f'run{nproc}'}",
                                 f"optim.accumulation_steps={k}"])
         results[nproc] = torch.load(out, weights_only=True)
-    one, two = results[1], results[2]
+    one, two = results[1], results[ranks]
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
     assert one["terms"] == pytest.approx(two["terms"], rel=1e-4, abs=1e-6)
     assert one["losses"][1] != one["losses"][0]  # the step changed the weights
