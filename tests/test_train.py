@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_dirs import checkpoint_steps
 from wandb_history import read_wandb_history
 
 from lsdr_repr.checkpoint import find_latest_valid, load_checkpoint
@@ -67,10 +68,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) ->
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.05)
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
 def metrics_lines(run_dir: Path) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_dirs import checkpoint_steps
 
 from lsdr_repr.checkpoint import load_checkpoint
 
@@ -106,11 +107,6 @@ def launch(cmd: list[str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt"))
-
-
 def worker_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the launcher's worker processes, read from /proc (their RANK variable)."""
     ranks = {}
@@ -164,7 +160,7 @@ def test_a_two_rank_run_stopped_mid_run_resumes_to_the_uninterrupted_weights(
     cmd = torchrun_train(sample_shards, run_dir)
     proc = launch(cmd)
     deadline = time.monotonic() + 240
-    while 4 not in (checkpoint_steps(run_dir) if (run_dir / "checkpoints").exists() else []):
+    while 4 not in checkpoint_steps(run_dir):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "no checkpoint at step 4"
         time.sleep(0.05)

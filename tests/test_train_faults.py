@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_dirs import checkpoint_steps
 
 from lsdr_repr import distributed as dist
 from lsdr_repr.checkpoint import load_checkpoint
@@ -96,10 +97,6 @@ class Cli:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
 def digest(path: Path) -> str:
