@@ -104,3 +104,40 @@ def test_fill_robustness_criterion_compares_each_fill_with_its_own_single_fill_a
         ["mix=zeros,reflection", "zeros=zeros", "reflection=reflection"]))
     assert "rot 30 zeros: 0.300 vs zeros-only 0.350: NOT met" in text
     assert "rot 30 refl: 0.500 vs reflection-only 0.500: met" in text
+
+
+@pytest.mark.distributed
+def test_ddp_scaling_runs_throughput_under_torchrun_at_each_size(tmp_path, capsys):
+    """benchmarks/ddp_scaling.py at 1 and 2 real gloo processes: each size's throughput report,
+    rows matched by name, per-GPU rates against the 1-process run (CPU: no speed asserted)."""
+    import ddp_scaling
+
+    out = tmp_path / "scaling"
+    code = ddp_scaling.main([
+        "--gpus", "1,2", "--out", str(out), "--",
+        "--config", str(REPO / "configs" / "demo.yaml"), "--device", "cpu", "--compile", "off",
+        "--batch", "4", "--image-size", "32", "--crop", "24", "--images", "16",
+        "--source-width", "40,72", "--source-height", "32,56", "--max-side", "40",
+        "--per-shard", "8", "--workers", "1", "--steps", "1", "--warmup", "1",
+        "--variants", "cpu:full:on:eager", "--loader-rows", "", "--augment-rows", "",
+        "--cudagraphs", "off", "--no-dali", "--cudnn-benchmark", "off",
+        "--set", "model.projector=[32,32]", "augment.blur.kernel_size=3",
+    ])
+    assert code == 0
+    result = json.loads((out / "ddp_scaling.json").read_text())
+    assert result["sizes"] == [1, 2] and result["failed"] == {}
+    assert result["reports"]["2"]["world_size"] == 2
+    rows = {entry["row"]: entry["sizes"] for entry in result["table"]}
+    assert set(rows) == {"model-only eager", "end-to-end cpu:full:on:eager:w1"}
+    for sizes in rows.values():
+        assert sizes["1"]["efficiency_pct"] == pytest.approx(100.0)
+        two = sizes["2"]
+        assert two["per_gpu"] == pytest.approx(two["pairs_per_s"] / 2)
+        assert two["efficiency_pct"] == pytest.approx(
+            100 * two["per_gpu"] / sizes["1"]["pairs_per_s"])
+    assert "| end-to-end cpu:full:on:eager:w1 |" in (out / "ddp_scaling.md").read_text()
+    with pytest.raises(ValueError, match="baseline"):
+        ddp_scaling.scaling_rows({2: result["reports"]["2"]})
+    with pytest.raises(SystemExit) as exc:  # the script owns --out: one clear usage error
+        ddp_scaling.main(["--out", str(out), "--", "--out", "elsewhere"])
+    assert exc.value.code == 2 and "--out after `--`" in capsys.readouterr().err
