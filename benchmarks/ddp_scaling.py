@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--out", "--data-dir"):
         if flag in passthrough:
             p.error(f"{flag} after `--`: this script sets it for each size (use its own {flag})")
-    sizes = [int(n) for n in args.gpus.split(",")]
+    try:
+        sizes = sorted({int(n) for n in args.gpus.split(",")})
+    except ValueError:
+        p.error(f"--gpus {args.gpus!r}: expected comma-separated process counts, e.g. 1,2,4")
     if 1 not in sizes:
         p.error("--gpus must include 1: the 1-GPU run is the baseline")
     out = Path(args.out)
@@ -109,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     reports: dict[int, dict] = {}
     failed: dict[int, str] = {}
-    for n in sorted(sizes):  # 1 first: it writes the shared shards
+    for n in sizes:  # 1 first: it writes the shared shards
         size_out = out / f"x{n}"
+        for stale in size_out.glob(f"throughput_*_x{n}.json"):  # an earlier run's report
+            stale.unlink()
         cmd = throughput_command(n, passthrough, size_out, data_dir)
         print(f"== {n} GPU(s): {' '.join(cmd)}", flush=True)
         code = subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode

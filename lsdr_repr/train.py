@@ -33,7 +33,7 @@ from lsdr_repr.checkpoint import (
 )
 from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
-from lsdr_repr.errors import ConfigError, LsdrError, RunDirError
+from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError, RunDirError
 from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
@@ -501,10 +501,12 @@ class Trainer:
                     log.info("received %s during the final step: the run is complete",
                              preempt.received.name if preempt.received else "a signal")
                     stop = False
-                if stop or due_save:
+                if stop:
+                    last_ckpt = self._save_before_stopping() or last_ckpt
+                elif due_save:
                     last_ckpt = self.checkpointer.save(
                         self.step, self._checkpoint_state, self._weights_finite,
-                        final=stop or self.step == cfg.total_steps) or last_ckpt
+                        final=self.step == cfg.total_steps) or last_ckpt
                 if stop:
                     log.warning("preempted at step %d: checkpoint %s written, exiting with %d",
                                 self.step, last_ckpt, EXIT_PREEMPTED)
@@ -559,6 +561,23 @@ class Trainer:
                     f"loss was non-finite for {streak} steps in a row at step {step} (since "
                     f"step {step - streak + 1}); no checkpoint written since, {kept} (lower "
                     f"optim.lr or set optim.clip_grad)")
+
+    def _save_before_stopping(self) -> Path | None:
+        """The preemption checkpoint, its outcome shared: only rank 0 writes, so when its write
+        fails every rank raises the error (exit 2), instead of the others exiting 3 or waiting
+        at the barrier that keeps the ranks of a stopped run together."""
+        error: CheckpointError | None = None
+        path = None
+        try:
+            path = self.checkpointer.save(self.step, self._checkpoint_state,
+                                          self._weights_finite, final=True)
+        except CheckpointError as exc:
+            error = exc
+        if self._agree(error is not None):
+            raise error or CheckpointError(
+                f"step {self.step}: rank 0 could not write the preemption checkpoint (its log "
+                "names the cause); nothing newer than the last checkpoint is saved")
+        return path
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw the preemption signal (they stop at the same step)."""
