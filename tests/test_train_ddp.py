@@ -1,7 +1,7 @@
 """DDP under torchrun with real gloo processes: 2 ranks x 8 and 4 ranks x 4 images give the same
 loss and the same updated weights as 1 process x 16 images (global-batch statistics, gradient
-averaging, lr scaling); a 2-rank `lsdr train` stopped mid-run (kill -9 of one rank, or the
-preemption signal to all ranks, then kill -9 of one) resumes to the weights of an uninterrupted run.
+averaging, lr scaling); a 2-rank `lsdr train` stopped mid-run twice (the preemption signal to
+all ranks, then kill -9 of one) resumes to the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
