@@ -116,7 +116,7 @@ def test_ddp_scaling_runs_throughput_under_torchrun_at_each_size(tmp_path, capsy
     code = ddp_scaling.main([
         "--gpus", "1,2", "--out", str(out), "--",
         "--config", str(REPO / "configs" / "demo.yaml"), "--device", "cpu", "--compile", "off",
-        "--batch", "4", "--image-size", "32", "--crop", "24", "--images", "16",
+        "--batch", "4", "--image-size", "32", "--crop", "24", "--images", "8",
         "--source-width", "40,72", "--source-height", "32,56", "--max-side", "40",
         "--per-shard", "8", "--workers", "1", "--steps", "1", "--warmup", "1",
         "--variants", "cpu:full:on:eager", "--loader-rows", "", "--augment-rows", "",
