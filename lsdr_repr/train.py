@@ -503,15 +503,14 @@ class Trainer:
                     stop = False
                 if stop:
                     last_ckpt = self._save_before_stopping() or last_ckpt
-                elif due_save:
-                    last_ckpt = self.checkpointer.save(
-                        self.step, self._checkpoint_state, self._weights_finite,
-                        final=self.step == cfg.total_steps) or last_ckpt
-                if stop:
                     log.warning("preempted at step %d: checkpoint %s written, exiting with %d",
                                 self.step, last_ckpt, EXIT_PREEMPTED)
                     exit_code = EXIT_PREEMPTED
                     break
+                if due_save:
+                    last_ckpt = self.checkpointer.save(
+                        self.step, self._checkpoint_state, self._weights_finite,
+                        final=self.step == cfg.total_steps) or last_ckpt
                 if self.step_hook is not None:
                     self.step_hook(self)
             self._resolve_flags(keep=0)
