@@ -27,7 +27,8 @@ at `lsdr-invariance` they separate what the objective and what the preset contri
 
 Data (`--data`): `digits` (default) are scikit-learn's 1797 8x8 handwritten digits, coloured
 and upscaled (data_pipelines/sample.py), split 1078 / 359 / 360 (train / val / test);
-`digits-photos` puts them on crops of scikit-image's photos; `--image-folder ROOT` (one
+`digits-grey` leaves them grey as scanned, `digits-photos` puts them on crops of
+scikit-image's photos; `--image-folder ROOT` (one
 subfolder per class) is split 60 / 20 / 20 the same way and sharded; `--train/--val/--test`
 take existing labelled shard directories. Tune with `--split val`; `--split test` is for the
 reported configurations only.
@@ -128,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="augmentation preset of every arm without @PRESET")
     p.add_argument("--image-size", type=int, default=64, help="side S of the loader's images")
     p.add_argument("--crop", type=int, default=48, help="side R of the views and the evaluation")
-    p.add_argument("--data", choices=("digits", "digits-photos", "fashion-mnist"),
+    p.add_argument("--data", choices=("digits", "digits-grey", "digits-photos", "fashion-mnist"),
                    default="digits")
     p.add_argument("--fashion-dir", default="/usr/share/datasets/fashion-mnist",
                    help="Fashion-MNIST idx files (apt-get install dataset-fashion-mnist)")
@@ -211,9 +212,11 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[dict[str, str], 
             f"image folder {args.image_folder}")
     from data_pipelines.sample import write_sample_shards
 
-    photos = args.data == "digits-photos"
-    splits = write_sample_shards(data_dir / args.data, image_size=args.image_size, photos=photos)
-    what = ("scikit-learn digits (1797 real 8x8 scans, coloured, upscaled to "
+    photos, grey = args.data == "digits-photos", args.data == "digits-grey"
+    splits = write_sample_shards(data_dir / args.data, image_size=args.image_size, photos=photos,
+                                 grey=grey)
+    what = (f"scikit-learn digits (1797 real 8x8 scans, {'grey' if grey else 'coloured'}, "
+            "upscaled to "
             f"{args.image_size} px{', on scikit-image photo crops' if photos else ''}); "
             "1078 train / 359 val / 360 test")
     return {k: str(v) for k, v in splits.items()}, what

@@ -9,7 +9,9 @@ something to act on, each image is coloured: a random ink colour over a random d
 with a random linear brightness gradient; with `photos=True` the background is instead a random
 crop of one of scikit-image's bundled photos, dimmed. Colours, gradients and backgrounds are
 drawn per image from a seeded generator, independently of the label: they are nuisance factors,
-the digit's shape is the only signal about its class. Nothing is downloaded.
+the digit's shape is the only signal about its class. With `grey=True` the digits are left as
+scanned, white ink on black in all three channels (the plain setting other benchmarks use).
+Nothing is downloaded.
 
 Split: stratified 60 / 20 / 20 (1078 / 359 / 360 images) with a fixed seed; each split is a shard
 directory (`train-000000.tar` ... + manifest.json) written by the ordinary shard writer.
@@ -39,13 +41,14 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry")
 
 
-def sample_source_label(image_size: int, photos: bool, seed: int) -> str:
+def sample_source_label(image_size: int, photos: bool, seed: int, grey: bool = False) -> str:
+    style = ", grey" if grey else ""
     return (f"sklearn.datasets.load_digits (lsdr sample v{SAMPLE_VERSION}, size {image_size}, "
-            f"photos {photos}, seed {seed})")
+            f"photos {photos}{style}, seed {seed})")
 
 
 def write_sample_shards(out: Path, *, image_size: int = 64, photos: bool = False,
-                        seed: int = 0) -> dict[str, Path]:
+                        grey: bool = False, seed: int = 0) -> dict[str, Path]:
     """Write OUT/train, OUT/val, OUT/test shard dirs; skipped when OUT already holds them intact.
 
     Returns {split: shard directory}. Raises `DataError` if OUT cannot be written.
@@ -53,12 +56,14 @@ def write_sample_shards(out: Path, *, image_size: int = 64, photos: bool = False
     out = Path(out)
     if image_size < 8:
         raise DataError(f"sample image size must be at least 8, got {image_size}")
-    label = sample_source_label(image_size, photos, seed)
+    if photos and grey:
+        raise DataError("sample digits: photos and grey exclude each other")
+    label = sample_source_label(image_size, photos, seed, grey)
     splits = {name: out / name for name in SPLITS}
     if all(_intact(path, label) for path in splits.values()):
         log.info("%s: sample shards already there", out)
         return splits
-    images, labels = make_digit_images(image_size, photos=photos, seed=seed)
+    images, labels = make_digit_images(image_size, photos=photos, grey=grey, seed=seed)
     parts = split_indices(labels, seed=seed)
     tmp = scratch_dir(out, ".sample-src-", "the sample shards")
     try:
@@ -112,12 +117,14 @@ def split_indices(labels: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def make_digit_images(image_size: int = 64, *, photos: bool = False, seed: int = 0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def make_digit_images(image_size: int = 64, *, photos: bool = False, grey: bool = False,
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """All 1797 digits as uint8 RGB [N, S, S, 3] and their labels [N] (see module docstring)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    if grey:
+        return _grey_digits(digits.images, image_size), digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     n, s = len(digits.images), image_size
     backgrounds = _photo_crops(n, s, rng) if photos else None
@@ -139,6 +146,16 @@ def make_digit_images(image_size: int = 64, *, photos: bool = False, seed: int =
         image = (background * (1 - alpha) + ink * alpha) * gradient[..., None]
         out[i] = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
     return out, digits.target.astype(np.int64)
+
+
+def _grey_digits(scans: np.ndarray, size: int) -> np.ndarray:
+    """[N, 8, 8] scans in 0..16 -> uint8 [N, size, size, 3], bicubic, the same in each channel."""
+    out = np.empty((len(scans), size, size, 3), dtype=np.uint8)
+    for i, digit in enumerate(scans):
+        ink = np.asarray(Image.fromarray((digit / 16.0).astype(np.float32))
+                         .resize((size, size), Image.Resampling.BICUBIC))
+        out[i] = np.clip(np.rint(ink * 255.0), 0, 255).astype(np.uint8)[..., None]
+    return out
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:

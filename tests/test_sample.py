@@ -78,3 +78,14 @@ def test_cli_sample(sample_dir, capsys):
     printed = capsys.readouterr().out
     assert "train: 1078 images, 10 classes, 9 shards" in printed
     assert str(out / "test" / "manifest.json") in printed
+
+
+def test_grey_digits_are_the_scans_in_every_channel():
+    images, labels = make_digit_images(16, grey=True)
+    coloured, _ = make_digit_images(16)
+    assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], images[..., 1])
+    assert np.array_equal(images[..., 0], images[..., 2])
+    assert images[:, 0, 0].max() <= 4 and images.max() == 255  # black ground (bicubic ringing), white ink
+    assert not np.array_equal(images, coloured)
+    assert np.bincount(labels).tolist()[:2] == [178, 182]

@@ -88,6 +88,8 @@ def register(sub) -> None:
     p.add_argument("--photos", action="store_true",
                    help="digits over crops of scikit-image's bundled photos instead of plain "
                    "colour backgrounds")
+    p.add_argument("--grey", action="store_true",
+                   help="the digits as scanned, white on black, no colours")
     p.add_argument("--seed", type=int, default=0, help="colours and split (default: %(default)s)")
     p.set_defaults(handler=_cmd_sample)
 
@@ -168,7 +170,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from data_pipelines.sample import write_sample_shards
 
     splits = write_sample_shards(Path(args.out), image_size=args.size, photos=args.photos,
-                                 seed=args.seed)
+                                 grey=args.grey, seed=args.seed)
     for name, path in splits.items():
         m = read_manifest(path)
         print(f"{name}: {m.num_samples} images, {m.num_classes} classes, {len(m.shards)} shards "
