@@ -131,9 +131,7 @@ def make_digit_images(image_size: int = 64, *, photos: bool = False, grey: bool 
     out = np.empty((n, s, s, 3), dtype=np.uint8)
     ramp = np.linspace(-0.5, 0.5, s, dtype=np.float32)
     for i, digit in enumerate(digits.images):
-        ink_mask = np.asarray(Image.fromarray((digit / 16.0).astype(np.float32))
-                              .resize((s, s), Image.Resampling.BICUBIC))
-        alpha = np.clip(ink_mask, 0.0, 1.0)[..., None]
+        alpha = np.clip(_ink(digit, s), 0.0, 1.0)[..., None]
         ink = _hsv_to_rgb(rng.uniform(), rng.uniform(0.5, 1.0), rng.uniform(0.75, 1.0))
         if backgrounds is not None:
             background = backgrounds[i] * rng.uniform(0.25, 0.5)
@@ -148,13 +146,17 @@ def make_digit_images(image_size: int = 64, *, photos: bool = False, grey: bool 
     return out, digits.target.astype(np.int64)
 
 
+def _ink(scan: np.ndarray, size: int) -> np.ndarray:
+    """One [8, 8] scan in 0..16 -> float [size, size] ink in about 0..1 (bicubic: rings a little)."""
+    return np.asarray(Image.fromarray((scan / 16.0).astype(np.float32))
+                      .resize((size, size), Image.Resampling.BICUBIC))
+
+
 def _grey_digits(scans: np.ndarray, size: int) -> np.ndarray:
-    """[N, 8, 8] scans in 0..16 -> uint8 [N, size, size, 3], bicubic, the same in each channel."""
+    """[N, 8, 8] scans in 0..16 -> uint8 [N, size, size, 3], the same in each channel."""
     out = np.empty((len(scans), size, size, 3), dtype=np.uint8)
-    for i, digit in enumerate(scans):
-        ink = np.asarray(Image.fromarray((digit / 16.0).astype(np.float32))
-                         .resize((size, size), Image.Resampling.BICUBIC))
-        out[i] = np.clip(np.rint(ink * 255.0), 0, 255).astype(np.uint8)[..., None]
+    for i, scan in enumerate(scans):
+        out[i] = np.clip(np.rint(_ink(scan, size) * 255.0), 0, 255).astype(np.uint8)[..., None]
     return out
 
 

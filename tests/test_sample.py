@@ -86,6 +86,6 @@ def test_grey_digits_are_the_scans_in_every_channel():
     assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
     assert np.array_equal(images[..., 0], images[..., 1])
     assert np.array_equal(images[..., 0], images[..., 2])
-    assert images[:, 0, 0].max() <= 4 and images.max() == 255  # black ground (bicubic ringing), white ink
+    assert images[:, 0, 0].max() <= 4 and images.max() == 255  # black (bicubic rings), white ink
     assert not np.array_equal(images, coloured)
     assert np.bincount(labels).tolist()[:2] == [178, 182]
