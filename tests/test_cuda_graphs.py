@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import DEMO, final_weights, tiny_overrides
+from run_dirs import DEMO, final_weights, tiny_overrides
 
 from lsdr_repr.cli import main
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import DEMO, TINY
+from run_dirs import DEMO, TINY
 from webdataset import TarWriter
 
 from data_pipelines.images import decode_to_square

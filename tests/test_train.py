@@ -15,35 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_dirs import checkpoint_steps
+from run_dirs import DEMO, TINY, checkpoint_steps, final_weights, tiny_overrides
 from wandb_history import read_wandb_history
 
-from lsdr_repr.checkpoint import find_latest_valid, load_checkpoint
+from lsdr_repr.checkpoint import load_checkpoint
 from lsdr_repr.cli import main
 from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
-
-# A run small enough for seconds on 2 cores, large enough to exercise every component.
-TINY = [
-    "data.image_size=32", "data.batch_size=16", "data.num_workers=1", "data.prefetch_factor=2",
-    "data.shuffle_buffer=64", "augment.crop_size=24", "model.projector=[64, 64, 64]",
-    "train.total_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=3",
-    "train.log_every=2", "train.image_grid_every=4", "train.spectrum_every=4",
-    "train.device=cpu", "log.progress=false",
-]
-
-
-def tiny_overrides(sample_shards: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.train_shards={sample_shards['train']}",
-        f"data.val_shards={sample_shards['val']}",
-        f"data.test_shards={sample_shards['test']}",
-        f"train.run_dir={run_dir}",
-        *TINY,
-        *extra,
-    ]
 
 
 def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
@@ -73,10 +52,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) ->
 def metrics_lines(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(find_latest_valid(run_dir))["model"]
 
 
 def sync_dry_run(command: str) -> list[Path]:
