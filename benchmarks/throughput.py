@@ -302,6 +302,10 @@ def make_config(args: argparse.Namespace, shards: Path, run_dir: Path, world_siz
         "train.checkpoint_every=1000000000", "train.eval_every=0", "train.image_grid_every=0",
         "train.spectrum_every=0", f"train.device={device.type}",
         f"train.compile={'true' if args.compile == 'on' else 'false'}",
+        # The trainer's own model is the compiled one without CUDA graphs, the ceiling the
+        # "% of compiled ceiling" column divides by; the product's default on one GPU
+        # (train.compile_mode=auto: CUDA graphs) is the model variant `cg` of the rows.
+        "train.compile_mode=default",
         "log.wandb.mode=disabled", "log.progress=false",
     ]
     if args.arch:

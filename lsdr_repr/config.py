@@ -262,12 +262,14 @@ class TrainConfig:
     # checkpointed; its overflow-skipped steps are calibration, not non-finite steps
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
-    # torch.compile mode of the model: "reduce-overhead" adds CUDA graphs (+10 points end to end
-    # for ViT-S on one H100, benchmarks/RESULTS.md) but its memory pools escape the peak-memory
-    # counter and it is not yet measured under DDP, so it is opt-in.
+    # torch.compile mode of the model. auto: CUDA graphs ("reduce-overhead") on one GPU (+10
+    # points end to end for ViT-S, benchmarks/RESULTS.md; losses, eval, logging and resume as
+    # without them, tests/test_cuda_graphs.py on an H200), "default" on CPU and under DDP (not
+    # measured there yet). Their memory pools are reserved, not allocated: watch
+    # gpu_mem_reserved_gb.
     compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    ] = "default"
+        "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "auto"
     compile_augment: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

@@ -100,6 +100,16 @@ def resolve_device_type(requested: str) -> str:
     return "cuda"
 
 
+def resolve_compile_mode(mode: str, device_type: str, world_size: int) -> str:
+    """train.compile_mode -> torch.compile's mode: auto is CUDA graphs ("reduce-overhead") on one
+    GPU, where they were measured correct (tests/test_cuda_graphs.py on an H200) and faster (ViT-S
+    end to end +10 points, benchmarks/RESULTS.md), and "default" on CPU and under DDP, where they
+    are not measured yet."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device_type == "cuda" and world_size == 1 else "default"
+
+
 def train(cfg: Config, preempt: PreemptionFlag | None = None,
           validator: Validator | None = None) -> TrainResult:
     """Train or resume the run in `cfg.train.run_dir`; returns the exit code and where things are.
@@ -213,7 +223,9 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         forward_model = (
-            torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
+            torch.compile(model, mode=resolve_compile_mode(
+                cfg.train.compile_mode, device.type, self.world_size))
+            if cfg.train.compile else model
         )
         self.multiview: nn.Module = MultiView(forward_model)
         if self.world_size > 1:

@@ -20,7 +20,7 @@ from wandb_history import read_wandb_history
 
 from lsdr_repr.checkpoint import load_checkpoint
 from lsdr_repr.cli import main
-from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED
+from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED, resolve_compile_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,3 +224,11 @@ def test_train_from_an_image_folder_writes_shards_once_then_streams_them(image_f
     assert "streaming the shards written from it" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in shards.iterdir()} == before
     assert "resuming with data.train_shards" not in caplog.text  # no config change seen
+
+
+def test_compile_mode_auto_means_cuda_graphs_on_one_gpu_only():
+    # CUDA graphs are measured correct on one GPU (tests/test_cuda_graphs.py), not under DDP
+    assert resolve_compile_mode("auto", "cuda", 1) == "reduce-overhead"
+    assert resolve_compile_mode("auto", "cuda", 2) == "default"
+    assert resolve_compile_mode("auto", "cpu", 1) == "default"
+    assert resolve_compile_mode("max-autotune", "cuda", 4) == "max-autotune"
