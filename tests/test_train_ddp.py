@@ -1,5 +1,5 @@
-"""DDP under torchrun with real gloo processes: 2 ranks x 8 images give the same loss and the
-same updated weights as 1 process x 16 images (global-batch statistics, gradient
+"""DDP under torchrun with real gloo processes: 2 ranks x 8 images and 4 x 4 give the same loss
+and the same updated weights as 1 process x 16 images (global-batch statistics, gradient
 averaging, lr scaling); a 2-rank `lsdr train` stopped mid-run twice (the preemption signal to
 all ranks, then kill -9 of one) resumes to the weights of an uninterrupted run.
 """
@@ -71,10 +71,10 @@ def one_process_step(sample_shards, tmp_path_factory) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("ranks", "accumulation"), [(2, 1), (2, 2)])
+@pytest.mark.parametrize(("ranks", "accumulation"), [(2, 1), (2, 2), (4, 1)])
 def test_gloo_ranks_match_one_process_with_the_global_batch(sample_shards, one_process_step,
                                                             tmp_path, ranks, accumulation):
-    """2 ranks x 8 images against 1 x 16. accumulation 2: each rank splits its
+    """2 ranks x 8 images (and 4 x 4) against 1 x 16. accumulation 2: each rank splits its
     8 images into 2 micro-batches (features cached, all-gathered in the loss, no_sync on the
     first): still the one-process 16-image step."""
     out = tmp_path / f"world{ranks}.pt"
