@@ -13,7 +13,9 @@ which shares no code with the training augmentation).
 The issue-13 criterion, checked per column: the mixture's retrieval under rotation-30 and
 zoom-out-0.7 with zero fill and with reflection fill is at least what the single-fill training
 reaches on its own fill (zeros-only on the zero-fill columns, reflection-only on the reflection
-columns), mean over seeds. Writes OUT/fill_robustness.json (every run) and OUT/fill_robustness.md.
+columns), mean over seeds. Writes OUT/fill_robustness.json (every run) and OUT/fill_robustness.md;
+while it runs, OUT/fill_robustness.partial.json holds every finished run's row, so a call cut
+short by a time limit keeps them.
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ def read_run(run_dir: Path) -> dict[str, float]:
     row = {header: table[r][level]["retrieval_top1"] for (r, level), header in COLUMNS.items()}
     row["linear"] = report["linear"]["trained"]["top1"]
     return row
+
+
+def write_partial(path: Path, rows: dict[tuple[str, int], dict[str, float]]) -> None:
+    """The finished runs' rows as {"NAME-sSEED": row}, replaced atomically (readable at any time)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({f"{name}-s{seed}": row for (name, seed), row in rows.items()},
+                              indent=1))
+    os.replace(tmp, path)
 
 
 def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    check=True, stdout=subprocess.DEVNULL)
     todo = [(n, s) for s in seeds for n in fills]
     running: dict[tuple[str, int], subprocess.Popen] = {}
+    finished: dict[tuple[str, int], dict[str, float]] = {}
     failed = []
     t0 = time.time()
     while todo or running:
@@ -141,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
                 del running[key]
                 if proc.returncode != 0:
                     failed.append(key)
+                else:
+                    finished[key] = read_run(work / f"{key[0]}-s{key[1]}")
+                    write_partial(out / "fill_robustness.partial.json", finished)
                 print(f"{key[0]} seed {key[1]}: exit {proc.returncode} "
                       f"({time.time() - t0:.0f} s)", flush=True)
         time.sleep(1.0)
     if failed:
         print(f"failed runs: {failed} (logs in {work})", file=sys.stderr)
         return 1
-    runs = {n: [read_run(work / f"{n}-s{s}") for s in seeds] for n in fills}
+    runs = {n: [finished[(n, s)] for s in seeds] for n in fills}
     summary = summarise(runs)
     mixtures = (args.mixtures.split(",") if args.mixtures
                 else [n for n, f in fills.items() if len(f) > 1])

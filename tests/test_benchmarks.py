@@ -106,6 +106,19 @@ def test_fill_robustness_criterion_compares_each_fill_with_its_own_single_fill_a
     assert "rot 30 refl: 0.500 vs reflection-only 0.500: met" in text
 
 
+def test_fill_robustness_keeps_each_finished_run_while_the_others_run(tmp_path):
+    import fill_robustness as fr
+
+    path = tmp_path / "fill_robustness.partial.json"
+    finished = {("mix", 0): {"rot 30 zeros": 0.2, "linear": 0.7}}
+    fr.write_partial(path, finished)
+    finished[("zeros", 1)] = {"rot 30 zeros": 0.3, "linear": 0.6}
+    fr.write_partial(path, finished)
+    assert json.loads(path.read_text()) == {"mix-s0": {"rot 30 zeros": 0.2, "linear": 0.7},
+                                            "zeros-s1": {"rot 30 zeros": 0.3, "linear": 0.6}}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
 @pytest.mark.distributed
 def test_ddp_scaling_runs_throughput_under_torchrun_at_each_size(tmp_path, capsys):
     """benchmarks/ddp_scaling.py at 1 and 2 real gloo processes: each size's throughput report,
