@@ -190,9 +190,36 @@ def decode_to_square(data: bytes, size: int) -> np.ndarray:
     if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)  # shards from other writers may still carry it
     img, _ = to_rgb(img)
-    if img.size != (size, size):
-        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
-    return np.asarray(img, dtype=np.uint8)
+    return fit_square(np.asarray(img, dtype=np.uint8), size)
+
+
+def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H,W,3] -> uint8 [size,size,3]: the centred square of side min(H,W), resized with
+    antialiased bilinear weights (PIL's filter).
+
+    Through torch's uint8 channels-last kernel: 0.46 ms against PIL's 1.33 ms for the benchmark's
+    photos (about 400 px squares to 256, one core), where decoding itself takes 1.33 ms. Pixels
+    differ from PIL's `ImageOps.fit` by rounding (mean 0.01 levels) and by its sub-pixel crop
+    offset (this crop starts on a whole pixel, as `lsdr_repr.staging.device.resize_center_crop`'s).
+    """
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top:top + side, left:left + side]
+    if side == size:
+        return square.copy()  # writable and contiguous, as the resized arrays are
+    import torch  # here, not at the top: the shard writer uses this module without torch
+
+    with warnings.catch_warnings():
+        # PIL's arrays are read-only; torch only reads this one
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        chw = torch.from_numpy(square).permute(2, 0, 1).unsqueeze(0)
+    chw = chw.contiguous(memory_format=torch.channels_last)  # the kernel's fast layout
+    out = torch.nn.functional.interpolate(chw, size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+    # channels-last out for photo-sized images, so this is a view; torch's generic kernel (tiny
+    # images, upsampling) returns [1,3,S,S] contiguous, which this copies to [S,S,3]
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
 
 
 def jpeg_header_size(data: bytes) -> tuple[int, int]:

@@ -39,8 +39,9 @@ decode are logged and counted; each Batch carries the count since the previous b
 worker (`skipped`, summed by the caller). A stream that finds nothing usable raises `DataError`
 naming its shards.
 
-Decode: `decode: cpu` decodes in the workers with PIL (shorter side to S, centre crop; libjpeg
-DCT scaling via `draft` for large JPEGs). `decode: gpu` has the workers ship the JPEG bytes (a
+Decode: `decode: cpu` decodes in the workers with PIL (libjpeg DCT scaling via `draft` for large
+JPEGs), then crops the centre square and resizes it to S with torch's uint8 antialiased kernel
+(`data_pipelines.images.fit_square`, about 3x faster than PIL's resize), straight into the batch. `decode: gpu` has the workers ship the JPEG bytes (a
 `JpegList`) and the trainer's staging (`lsdr_repr.staging.device.to_device`) decodes the batch
 with nvJPEG in the trainer process, resizing the whole batch at once on the GPU. In that mode members must be JPEGs (the
 writer only writes JPEGs); PNG or WebP members of other shards are skipped and counted.
@@ -472,8 +473,12 @@ class ShardStream(IterableDataset):
         if self.output == "jpeg":
             jpegs = JpegList.pack(images, self.image_size)
             return Batch(jpegs, label_t, skipped)
-        stacked = torch.from_numpy(np.stack(images))  # [B,S,S,3]
-        return Batch(stacked.permute(0, 3, 1, 2).contiguous(), label_t, skipped)
+        # one transposing copy per image into the batch: a third of the time of stacking
+        # [B,S,S,3] and then transposing the whole batch, which misses the caches
+        batch = torch.empty((len(images), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for slot, image in zip(batch, images, strict=True):
+            slot.copy_(torch.from_numpy(image).permute(2, 0, 1))
+        return Batch(batch, label_t, skipped)
 
 
 def _reader_share(shard: int, num_samples: int, sample_filter: tuple[int, int] | None) -> int:
