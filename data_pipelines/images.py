@@ -213,8 +213,10 @@ def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     with warnings.catch_warnings():
         # PIL's arrays are read-only; torch only reads this one
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        chw = torch.from_numpy(square).permute(2, 0, 1).unsqueeze(0)
-    chw = chw.contiguous(memory_format=torch.channels_last)  # the kernel's fast layout
+        hwc = torch.from_numpy(square).unsqueeze(0)  # [1,H,W,3]
+    # [1,3,H,W] in channels-last memory, the kernel's fast layout (permuting after the unsqueeze
+    # gives the batch dimension a stride torch reads as channels-last, so the output is too)
+    chw = hwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(chw, size=(size, size), mode="bilinear",
                                           antialias=True, align_corners=False)
     # channels-last out for photo-sized images, so this is a view; torch's generic kernel (tiny
