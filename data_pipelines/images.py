@@ -197,10 +197,10 @@ def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H,W,3] -> uint8 [size,size,3]: the centred square of side min(H,W), resized with
     antialiased bilinear weights (PIL's filter).
 
-    Through torch's uint8 channels-last kernel: 0.46 ms against PIL's 1.33 ms for the benchmark's
-    photos (about 400 px squares to 256, one core), where decoding itself takes 1.33 ms. Pixels
-    differ from PIL's `ImageOps.fit` by rounding (mean 0.01 levels) and by its sub-pixel crop
-    offset (this crop starts on a whole pixel, as `lsdr_repr.staging.device.resize_center_crop`'s).
+    Through torch's uint8 channels-last kernel: 0.26-0.32 ms against PIL's 1.29 ms for the
+    benchmark's photos (about 400 px squares to 256, one core), where decoding itself takes 1.33
+    ms. Pixels differ from PIL's `ImageOps.fit` by rounding (mean 0.01 levels) and by its sub-pixel
+    crop offset (this crop starts on a whole pixel, as `lsdr_repr.staging.device.resize_center_crop`'s).
     """
     h, w = rgb.shape[:2]
     side = min(h, w)
@@ -219,8 +219,8 @@ def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     chw = hwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(chw, size=(size, size), mode="bilinear",
                                           antialias=True, align_corners=False)
-    # channels-last out for photo-sized images, so this is a view; torch's generic kernel (tiny
-    # images, upsampling) returns [1,3,S,S] contiguous, which this copies to [S,S,3]
+    # channels-last in, channels-last out: [S,S,3] is a view (copied only if torch ever
+    # returned the other layout)
     return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
 
 

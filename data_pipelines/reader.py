@@ -41,10 +41,11 @@ naming its shards.
 
 Decode: `decode: cpu` decodes in the workers with PIL (libjpeg DCT scaling via `draft` for large
 JPEGs), then crops the centre square and resizes it to S with torch's uint8 antialiased kernel
-(`data_pipelines.images.fit_square`, about 3x faster than PIL's resize), straight into the batch. `decode: gpu` has the workers ship the JPEG bytes (a
-`JpegList`) and the trainer's staging (`lsdr_repr.staging.device.to_device`) decodes the batch
-with nvJPEG in the trainer process, resizing the whole batch at once on the GPU. In that mode members must be JPEGs (the
-writer only writes JPEGs); PNG or WebP members of other shards are skipped and counted.
+(`data_pipelines.images.fit_square`, about 4x faster than PIL's resize) and copies it into the
+batch. `decode: gpu` has the workers ship the JPEG bytes (a `JpegList`) and the trainer's staging
+(`lsdr_repr.staging.device.to_device`) decodes the batch with nvJPEG in the trainer process,
+resizing the whole batch at once on the GPU. In that mode members must be JPEGs (the writer only
+writes JPEGs); PNG or WebP members of other shards are skipped and counted.
 """
 
 from __future__ import annotations
