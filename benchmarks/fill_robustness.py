@@ -73,10 +73,9 @@ def read_run(run_dir: Path) -> dict[str, float]:
 
 def write_partial(path: Path, rows: dict[tuple[str, int], dict[str, float]]) -> None:
     """The finished runs' rows as {"NAME-sSEED": row}, replaced atomically (readable at any time)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({f"{name}-s{seed}": row for (name, seed), row in rows.items()},
-                              indent=1))
-    os.replace(tmp, path)
+    from data_pipelines.manifest import write_json_atomic
+
+    write_json_atomic(path, {f"{name}-s{seed}": row for (name, seed), row in rows.items()})
 
 
 def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:

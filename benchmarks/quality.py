@@ -436,15 +436,15 @@ def run_all(jobs: list[dict[str, Any]], parallel: int, work: Path,
             partial: Path | None = None) -> list[dict[str, Any]]:
     """Every job, in this process (parallel 1) or `parallel` subprocesses at a time. After each
     run the results so far are written to `partial` (a time-limited call keeps them)."""
+    from data_pipelines.manifest import write_json_atomic
+
     done: dict[str, dict] = {}
 
     def finished(job: dict[str, Any], res: dict[str, Any]) -> None:
         done[job["name"]] = res
         log.info("%s", _one_line(res))
         if partial is not None:
-            tmp = partial.with_name(f".{partial.name}.tmp")
-            tmp.write_text(json.dumps(list(done.values())))
-            os.replace(tmp, partial)
+            write_json_atomic(partial, list(done.values()))
 
     if parallel <= 1:
         for job in jobs:
