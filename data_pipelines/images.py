@@ -193,6 +193,13 @@ def decode_to_square(data: bytes, size: int) -> np.ndarray:
     return fit_square(np.asarray(img, dtype=np.uint8), size)
 
 
+def center_square(height: int, width: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centred square of side min(height, width), on whole pixels: the
+    crop of every resize-to-square path (CPU workers and GPU decode)."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side
+
+
 def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H,W,3] -> uint8 [size,size,3]: the centred square of side min(H,W), resized with
     antialiased bilinear weights (PIL's filter).
@@ -200,11 +207,9 @@ def fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     Through torch's uint8 channels-last kernel: 0.26-0.32 ms against PIL's 1.29 ms for the
     benchmark's photos (about 400 px squares to 256, one core), where decoding itself takes 1.33
     ms. Pixels differ from PIL's `ImageOps.fit` by rounding (mean 0.01 levels) and by its sub-pixel
-    crop offset (this crop starts on a whole pixel, as `lsdr_repr.staging.device.resize_center_crop`'s).
+    crop offset (`center_square`, shared with the GPU decode path).
     """
-    h, w = rgb.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
+    top, left, side = center_square(*rgb.shape[:2])
     square = rgb[top:top + side, left:left + side]
     if side == size:
         return square.copy()  # writable and contiguous, as the resized arrays are

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.images import BadImage
+from data_pipelines.images import BadImage, center_square
 from data_pipelines.reader import Batch
 from lsdr_repr.errors import DataError
 
@@ -100,13 +100,10 @@ def _decode_one(jpeg: torch.Tensor, device: torch.device) -> torch.Tensor | None
 
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N,3,H,W] -> uint8 [N,3,size,size]: shorter side to size (antialiased bilinear),
-    centre crop (the geometry of the CPU path, `PIL.ImageOps.fit`)."""
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    crop_h, crop_w = min(h, round(size / scale)), min(w, round(size / scale))
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    images = images[..., top:top + crop_h, left:left + crop_w]
-    if (crop_h, crop_w) == (size, size):
+    centre crop (`data_pipelines.images.center_square`, the CPU path's crop)."""
+    top, left, side = center_square(*images.shape[-2:])
+    images = images[..., top:top + side, left:left + side]
+    if side == size:
         return images.contiguous()
     resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                               antialias=True, align_corners=False)
@@ -145,12 +142,11 @@ def resize_center_crop_batch(images: Sequence[torch.Tensor], size: int) -> torch
     """
     device = images[0].device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    sides = [min(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    boxes = [center_square(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    sides = [side for _, _, side in boxes]
     m = max(sides)
     padded = torch.zeros((len(images), 3, m, m), dtype=dtype, device=device)
-    for i, (img, side) in enumerate(zip(images, sides)):
-        h, w = img.shape[-2:]
-        top, left = (h - side) // 2, (w - side) // 2
+    for i, (img, (top, left, side)) in enumerate(zip(images, boxes, strict=True)):
         padded[i, :, :side, :side].copy_(img[:, top:top + side, left:left + side])
     r = resize_matrix(torch.tensor(sides, device=device), size, m, dtype)  # [B,size,M]
     rows = torch.matmul(padded.view(len(images), 3 * m, m), r.transpose(1, 2))  # [B,3M,size]
