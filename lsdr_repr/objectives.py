@@ -177,7 +177,7 @@ def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) 
 def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = None) -> None:
     if exact is not None and len(projections) != exact:
         raise ValueError(f"objective.name={name} is defined for {exact} views, got "
-                         f"{len(projections)} (multi-crop needs objective.name=lsdr)")
+                         f"{len(projections)} (multi-crop needs objective.name=lsdr or vicreg)")
     if len(projections) < 2:
         raise ValueError(f"{name}: needs at least two views, got {len(projections)}")
     shape = projections[0].shape
@@ -187,9 +187,9 @@ def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = N
                              f"{[tuple(p.shape) for p in projections]}")
 
 
-# The objectives by `objective.name`; the baselines are defined for two views only.
+# The objectives by `objective.name`; Barlow Twins is defined for two views only.
 OBJECTIVES = ("lsdr", "vicreg", "barlow")
-TWO_VIEW_OBJECTIVES = ("vicreg", "barlow")
+TWO_VIEW_OBJECTIVES = ("barlow",)
 
 # How the layer-wise decorrelation measures a stage (objective.layer_decorrelation).
 LAYER_DECORRELATION = {
@@ -300,8 +300,10 @@ class VICRegLoss(nn.Module):
     """VICReg as in facebookresearch/vicreg main_vicreg.py (commit b42aa23): sim * MSE(x, y)
     + std * [mean(relu(gamma - std_x)) / 2 + mean(relu(gamma - std_y)) / 2]
     + cov * [sum offdiag(cov_x)^2 / D + sum offdiag(cov_y)^2 / D], var and cov with N - 1.
-    Two views only. Under DDP the MSE is on the gathered batch (the reference takes it per rank;
-    its DDP-averaged gradient is the same)."""
+    With V > 2 views (multi-crop): the mean of that two-view loss over the V (V - 1) / 2 pairs of
+    views, computed as the MSE averaged over the pairs, the std term averaged over the views and
+    the covariance term 2 x its mean over the views (each view is in V - 1 of the pairs). Under DDP the MSE is on the gathered batch (the reference
+    takes it per rank; its DDP-averaged gradient is the same)."""
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
                  gamma: float = 1.0, eps: float = 1e-4, gather: Gather = _no_gather) -> None:
@@ -316,14 +318,14 @@ class VICRegLoss(nn.Module):
     def forward(
         self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
     ) -> LossOutput:
-        """projections: 2 x [N, D]; stages are not used by VICReg."""
-        _check_views(projections, "vicreg", exact=2)
+        """projections: V x [N, D] (V >= 2); stages are not used by VICReg."""
+        _check_views(projections, "vicreg")
         with _float32(projections[0].device):
-            x, y = (_global(z, self.gather) for z in projections)
-            sim = F.mse_loss(x, y)
-            std = (variance_loss(x, self.gamma, self.eps, correction=1) / 2
-                   + variance_loss(y, self.gamma, self.eps, correction=1) / 2)
-            cov = decorrelation_loss(x, correction=1) + decorrelation_loss(y, correction=1)
+            zs = [_global(z, self.gather) for z in projections]
+            sim = invariance_loss(zs)
+            std = _mean_over_views(
+                lambda z: variance_loss(z, self.gamma, self.eps, correction=1), zs)
+            cov = 2 * _mean_over_views(lambda z: decorrelation_loss(z, correction=1), zs)
             total = self.sim_coeff * sim + self.std_coeff * std + self.cov_coeff * cov
         terms = {"invariance": sim, "variance": std, "decorrelation": cov}
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})

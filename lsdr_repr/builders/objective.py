@@ -38,7 +38,7 @@ def build_objective(
     if name in TWO_VIEW_OBJECTIVES and num_views is not None and num_views != 2:
         raise ConfigError(f"objective.name={name} is defined for 2 views, got {num_views} "
                           f"(augment.num_views + augment.local_crops; multi-crop needs "
-                          f"objective.name=lsdr)")
+                          f"objective.name=lsdr or vicreg)")
     if name == "lsdr":
         weights = list(objective_cfg.layer_weights)
         if stages is not None and len(stages) != len(weights):
