@@ -174,10 +174,7 @@ def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) 
     return torch.stack([term(z) for z in views]).mean()
 
 
-def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = None) -> None:
-    if exact is not None and len(projections) != exact:
-        raise ValueError(f"objective.name={name} is defined for {exact} views, got "
-                         f"{len(projections)} (multi-crop needs objective.name=lsdr or vicreg)")
+def _check_views(projections: Sequence[Tensor], name: str) -> None:
     if len(projections) < 2:
         raise ValueError(f"{name}: needs at least two views, got {len(projections)}")
     shape = projections[0].shape
@@ -187,9 +184,8 @@ def _check_views(projections: Sequence[Tensor], name: str, exact: int | None = N
                              f"{[tuple(p.shape) for p in projections]}")
 
 
-# The objectives by `objective.name`; Barlow Twins is defined for two views only.
+# The objectives by `objective.name`; each takes two or more views (multi-crop).
 OBJECTIVES = ("lsdr", "vicreg", "barlow")
-TWO_VIEW_OBJECTIVES = ("barlow",)
 
 # How the layer-wise decorrelation measures a stage (objective.layer_decorrelation).
 LAYER_DECORRELATION = {
@@ -334,7 +330,9 @@ class VICRegLoss(nn.Module):
 class BarlowTwinsLoss(nn.Module):
     """Barlow Twins as in facebookresearch/barlowtwins main.py (commit 046eec3, the published
     code without the early `scale-loss` 1/32 factor): c = bn(z1)^T bn(z2) / N with an affine-free
-    BatchNorm over the global batch, loss = sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2."""
+    BatchNorm over the global batch, loss = sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2.
+    With V > 2 views (multi-crop): the mean of that loss (and of each sum) over the V (V - 1) / 2
+    pairs of views, so V = 2 is the reference exactly."""
 
     def __init__(self, lambd: float = 0.0051, gather: Gather = _no_gather) -> None:
         super().__init__()
@@ -344,13 +342,17 @@ class BarlowTwinsLoss(nn.Module):
     def forward(
         self, projections: Sequence[Tensor], stages: Sequence[Sequence[Tensor]] | None = None
     ) -> LossOutput:
-        """projections: 2 x [N, D]; stages are not used by Barlow Twins."""
-        _check_views(projections, "barlow", exact=2)
+        """projections: V x [N, D] (V >= 2); stages are not used by Barlow Twins."""
+        _check_views(projections, "barlow")
         with _float32(projections[0].device):
-            z1, z2 = (_global(z, self.gather) for z in projections)
-            c = cross_correlation(z1, z2)
-            on_diag = (torch.diagonal(c) - 1).pow(2).sum()
-            off_diag = off_diagonal_sq_sum(c)
+            zs = [_global(z, self.gather) for z in projections]
+            on_diags, off_diags = [], []
+            for z1, z2 in itertools.combinations(zs, 2):
+                c = cross_correlation(z1, z2)
+                on_diags.append((torch.diagonal(c) - 1).pow(2).sum())
+                off_diags.append(off_diagonal_sq_sum(c))
+            on_diag = torch.stack(on_diags).mean()
+            off_diag = torch.stack(off_diags).mean()
             total = on_diag + self.lambd * off_diag
         terms = {"on_diagonal": on_diag, "off_diagonal": off_diag}
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})

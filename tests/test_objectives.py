@@ -314,6 +314,17 @@ def test_barlow_matches_reference():
     assert out.terms["on_diagonal"].item() == pytest.approx(((c.diagonal() - 1) ** 2).sum().item())
 
 
+def test_barlow_with_more_views_is_the_reference_averaged_over_view_pairs():
+    n, d = 32, 16
+    views = [(_rand(n, d, seed=20 + i, dtype=torch.float64) * (0.5 + 0.5 * i)).requires_grad_()
+             for i in range(3)]
+    ref = torch.stack([_barlow_reference(a, b, n)
+                       for a, b in itertools.combinations(views, 2)]).mean()
+    out = BarlowTwinsLoss(lambd=0.0051)(views)
+    assert out.total.item() == pytest.approx(ref.item(), rel=1e-10)
+    for g, g_ref in zip(torch.autograd.grad(out.total, views), torch.autograd.grad(ref, views)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+
 # ------------------------------------------------------------------------- gradients, precision
 def test_gradcheck_float64():
     torch.manual_seed(0)

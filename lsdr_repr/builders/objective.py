@@ -11,7 +11,6 @@ from lsdr_repr.config import ObjectiveConfig
 from lsdr_repr.errors import ConfigError
 from lsdr_repr.objectives import (
     OBJECTIVES,
-    TWO_VIEW_OBJECTIVES,
     BarlowTwinsLoss,
     Gather,
     LSDRLoss,
@@ -23,22 +22,17 @@ def build_objective(
     objective_cfg: ObjectiveConfig,
     stages: Sequence[int] | None = None,
     *,
-    num_views: int | None = None,
     gather: Gather = dist.all_gather_with_grad,
 ) -> nn.Module:
     """The loss module for objective_cfg.name. With `stages` (model.stages) the layer weights are
-    checked now and the stage terms are named after the stage indices; with `num_views`
-    (augment.num_views + augment.local_crops) the number of views. `gather`: how each view's
-    features become the global batch (the all-gather with gradient of lsdr_repr.distributed,
-    the identity in one process)."""
+    checked now and the stage terms are named after the stage indices. Every objective takes two or
+    more views (augment.num_views + augment.local_crops). `gather`: how each view's features
+    become the global batch (the all-gather with gradient of lsdr_repr.distributed, the identity
+    in one process)."""
     name = objective_cfg.name
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective '{name}' (known: "
                           f"{', '.join(OBJECTIVES)})")
-    if name in TWO_VIEW_OBJECTIVES and num_views is not None and num_views != 2:
-        raise ConfigError(f"objective.name={name} is defined for 2 views, got {num_views} "
-                          f"(augment.num_views + augment.local_crops; multi-crop needs "
-                          f"objective.name=lsdr or vicreg)")
     if name == "lsdr":
         weights = list(objective_cfg.layer_weights)
         if stages is not None and len(stages) != len(weights):
