@@ -298,8 +298,9 @@ class VICRegLoss(nn.Module):
     + cov * [sum offdiag(cov_x)^2 / D + sum offdiag(cov_y)^2 / D], var and cov with N - 1.
     With V > 2 views (multi-crop): the mean of that two-view loss over the V (V - 1) / 2 pairs of
     views, computed as the MSE averaged over the pairs, the std term averaged over the views and
-    the covariance term 2 x its mean over the views (each view is in V - 1 of the pairs). Under DDP the MSE is on the gathered batch (the reference
-    takes it per rank; its DDP-averaged gradient is the same)."""
+    the covariance term 2 x its mean over the views (each view is in V - 1 of the pairs). Under
+    DDP the MSE is on the gathered batch (the reference takes it per rank; its DDP-averaged
+    gradient is the same)."""
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
                  gamma: float = 1.0, eps: float = 1e-4, gather: Gather = _no_gather) -> None:

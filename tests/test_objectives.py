@@ -286,18 +286,20 @@ def test_vicreg_matches_reference(scale):
     assert set(out.terms) == {"invariance", "variance", "decorrelation"}
 
 
-def test_vicreg_with_more_views_is_the_reference_averaged_over_view_pairs():
-    # Multi-crop VICReg (V = 4: two global views and two local ones) is the mean of the published
-    # two-view loss over the 6 pairs, so V = 2 stays exactly the reference.
+@pytest.mark.parametrize("num_views", [3, 4])
+def test_vicreg_with_more_views_is_the_reference_averaged_over_view_pairs(num_views):
+    # Multi-crop VICReg (e.g. V = 4: two global views and two local ones) is the mean of the
+    # published two-view loss over the V (V - 1) / 2 pairs, so V = 2 stays exactly the reference.
     n, d = 32, 16
     views = [(_rand(n, d, seed=10 + i, dtype=torch.float64) * (0.4 + 0.3 * i)).requires_grad_()
-             for i in range(4)]
+             for i in range(num_views)]
     ref = torch.stack([_vicreg_reference(a, b, n, d)
                        for a, b in itertools.combinations(views, 2)]).mean()
     out = VICRegLoss()(views)
     assert out.total.item() == pytest.approx(ref.item(), rel=1e-12)
     for g, g_ref in zip(torch.autograd.grad(out.total, views), torch.autograd.grad(ref, views)):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
 
 def test_barlow_matches_reference():
     n, d = 32, 16
@@ -322,6 +324,9 @@ def test_barlow_with_more_views_is_the_reference_averaged_over_view_pairs():
                        for a, b in itertools.combinations(views, 2)]).mean()
     out = BarlowTwinsLoss(lambd=0.0051)(views)
     assert out.total.item() == pytest.approx(ref.item(), rel=1e-10)
+    cs = [cross_correlation(a.detach(), b.detach()) for a, b in itertools.combinations(views, 2)]
+    on_diag = torch.stack([((c.diagonal() - 1) ** 2).sum() for c in cs]).mean()
+    assert out.terms["on_diagonal"].item() == pytest.approx(on_diag.item(), rel=1e-10)
     for g, g_ref in zip(torch.autograd.grad(out.total, views), torch.autograd.grad(ref, views)):
         torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
 
