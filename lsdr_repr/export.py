@@ -39,6 +39,7 @@ so a failed export never leaves something that looks complete.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -95,6 +96,8 @@ def export_backbone(
     fmt = fmt or (cfg.export.format if cfg is not None else "timm")
     if fmt not in FORMATS:
         raise ConfigError(f"export format '{fmt}' unknown (known: {', '.join(FORMATS)})")
+    if fmt == "onnx":
+        _require_onnx_packages()
     if out_dir is None:
         if cfg is not None and cfg.export.out_dir:
             out_dir = cfg.export.out_dir
@@ -292,6 +295,24 @@ def _export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path,
     raise CheckpointError(f"ONNX export not possible for this architecture ({'; '.join(errors)})")
 
 
+# What `--format onnx` imports: torch's dynamo exporter needs onnx and onnxscript, the check
+# onnxruntime. Without them the exporters fail with messages about the architecture instead.
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def _require_onnx_packages() -> None:
+    """Fail before any work, naming the missing packages, when the onnx extra is not installed."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"export --format onnx needs {', '.join(missing)} (not installed): "
+                          f"pip install 'lsdr-repr[onnx]'")
+
+
 def _other_size(size: int) -> int:
     """A second input side for the export checks: 1.5x the training size (64 -> 96)."""
     return size + size // 2
@@ -308,11 +329,8 @@ def _runs_at(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("ONNX export needs onnxruntime to check it: pip install "
-                          "'lsdr-repr[onnx]'") from None
+    import onnxruntime as ort  # present: export_backbone checked the onnx extra first
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, min(4, torch.get_num_threads()))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

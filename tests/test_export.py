@@ -312,7 +312,7 @@ def test_failed_check_leaves_nothing_that_looks_complete(runs, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # no partial folder either
 
 
-def test_export_errors_and_cli(runs, tmp_path, capsys):
+def test_export_errors_and_cli(runs, tmp_path, capsys, monkeypatch):
     ckpt, _ = runs["resnet"]
     with pytest.raises(CheckpointError, match="no such run directory"):
         export.export_backbone(tmp_path / "missing", tmp_path / "o")
@@ -342,6 +342,13 @@ def test_export_errors_and_cli(runs, tmp_path, capsys):
     assert err.count("\n") == 1 and "not empty" in err
     with pytest.raises(ConfigError):
         export.export_backbone(ckpt, out, "torchscript")
+    # Without the onnx extra (onnxscript missing here), one line naming it, before any work.
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` raise ImportError
+        assert main(["export", str(ckpt), str(tmp_path / "no-onnx"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs onnxscript (not installed)" in err
+    assert "lsdr-repr[onnx]" in err and not (tmp_path / "no-onnx").exists()
     assert main(["export", str(ckpt), str(out), "--format", "torchscript", "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.pt"]
 
