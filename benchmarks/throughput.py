@@ -583,8 +583,9 @@ def dali_available() -> bool:
 
 
 def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: int) -> Any:
-    """DALI's equivalent of our pipeline: webdataset reader, mixed (nvJPEG) decode, random
-    resized crop, rotation, flip, brightness/contrast, hue/saturation, 23-tap blur, normalise."""
+    """DALI's equivalent of our pipeline: webdataset reader, decode (mixed nvJPEG on a GPU, DALI's
+    CPU-only mode otherwise, which is how the CPU tests run it), random resized crop, rotation,
+    flip, brightness/contrast, hue/saturation, 23-tap blur, normalise."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -595,34 +596,40 @@ def make_dali_iterator(cfg: Any, shards: Path, device: torch.device, workers: in
     mean = [255 * m for m in aug.mean]
     std = [255 * s for s in aug.std]
 
-    @pipeline_def(batch_size=per_rank, num_threads=workers, device_id=device.index or 0,
+    def uniform(low: float, high: float) -> Any:
+        # DALI rejects an empty range ([1, 1) for a strength of 0): a constant then
+        return fn.random.uniform(range=(low, high)) if high > low else float(low)
+
+    on_gpu = device.type == "cuda"
+    device_id = (device.index or 0) if on_gpu else None  # None: DALI's CPU-only pipeline
+
+    @pipeline_def(batch_size=per_rank, num_threads=workers, device_id=device_id,
                   prefetch_queue_depth=2)
     def pipe():  # the DALI graph
         jpegs = fn.readers.webdataset(paths=tars, ext=["jpg"], random_shuffle=True,
                                       initial_fill=2048, name="reader",
                                       missing_component_behavior="skip")
-        images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu",
+                                   output_type=types.RGB)
         outputs = []
         for v in range(aug.num_views):
             x = fn.random_resized_crop(images, size=(aug.crop_size, aug.crop_size),
                                        random_area=list(aug.scale.area),
                                        random_aspect_ratio=list(aug.scale.aspect))
             if aug.rotation.p > 0 and aug.rotation.degrees > 0:
-                x = fn.rotate(x, angle=fn.random.uniform(range=(-aug.rotation.degrees,
-                                                                aug.rotation.degrees)),
+                x = fn.rotate(x, angle=uniform(-aug.rotation.degrees, aug.rotation.degrees),
                               keep_size=True)
             light = aug.lighting
             x = fn.brightness_contrast(
-                x, brightness=fn.random.uniform(range=(1 - light.brightness, 1 + light.brightness)),
-                contrast=fn.random.uniform(range=(1 - light.contrast, 1 + light.contrast)))
-            x = fn.hsv(x, hue=fn.random.uniform(range=(-360 * light.hue, 360 * light.hue)),
-                       saturation=fn.random.uniform(range=(1 - light.saturation,
-                                                           1 + light.saturation)))
+                x, brightness=uniform(1 - light.brightness, 1 + light.brightness),
+                contrast=uniform(1 - light.contrast, 1 + light.contrast))
+            x = fn.hsv(x, hue=uniform(-360 * light.hue, 360 * light.hue),
+                       saturation=uniform(1 - light.saturation, 1 + light.saturation))
             if aug.blur.p[v % len(aug.blur.p)] > 0:
                 x = fn.gaussian_blur(x, window_size=aug.blur.kernel_size,
-                                     sigma=fn.random.uniform(range=list(aug.blur.sigma)))
+                                     sigma=uniform(*aug.blur.sigma))
             x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean,
-                                         std=std, mirror=fn.random.coin_flip(probability=0.5))
+                                         std=std, mirror=fn.random.coin_flip(probability=aug.flip_p))
             outputs.append(x)
         return tuple(outputs)
 
@@ -888,9 +895,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1]["model"] = v["model"]
 
         # (e) DALI on the same shards, feeding the same model step
-        if not args.no_dali and device.type == "cuda" and dali_available():
+        if not args.no_dali and dali_available():
             for shard_set in ("full",):
-                guarded(rows, "dali", f"gpu:{shard_set}", lambda s=shard_set: measure_dali(
+                guarded(rows, "dali", f"{device.type}:{shard_set}", lambda s=shard_set: measure_dali(
                     trainer, shards[s], steps, warmup, args.gpu_workers))
                 if rows[-1].get("pairs_per_s"):
                     rows[-1]["model"] = "default"
