@@ -1,8 +1,10 @@
-"""Turn SIGTERM and the preemption signal into a flag the training loop checks between steps.
+"""Turn SIGTERM, the preemption signal and Ctrl-C into a flag the training loop checks between
+steps.
 
 The handler only sets a flag: the step in flight finishes, every rank agrees on the stop step
 (an all-reduce of the flag), the checkpoint is written, and the process exits with
-`EXIT_PREEMPTED` so the SLURM script knows to requeue.
+`EXIT_PREEMPTED` so the SLURM script knows to requeue, or with `EXIT_INTERRUPTED` after Ctrl-C
+(SIGINT: a person stopped it; no requeue). A second Ctrl-C aborts at once (KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import signal
 import types
 
-from lsdr_repr.errors import ConfigError
+from lsdr_repr.errors import ConfigError, LsdrError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,18 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM / the preemption signal: requeue me
 EXIT_DIVERGED = 4  # too many non-finite steps in a row; the last good checkpoint is untouched
+EXIT_BAD_INPUT = 2  # an LsdrError: bad config, data or run directory (one line names it)
+EXIT_FAILED = 1  # anything else (a bug: the traceback is printed)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); checkpoint written
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit status `lsdr train` ends with when `exc` escapes the run."""
+    if isinstance(exc, LsdrError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -38,19 +52,29 @@ def parse_signal(name: str) -> signal.Signals:
 
 
 class PreemptionFlag:
-    """Installs handlers for SIGTERM and `preempt_signal`; restores the old ones on `close()`."""
+    """Installs handlers for SIGTERM, SIGINT and `preempt_signal`; restores the old ones on
+    `close()`."""
 
     def __init__(self, preempt_signal: str) -> None:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
-        for sig in {signal.SIGTERM, parse_signal(preempt_signal)}:
+        for sig in {signal.SIGTERM, signal.SIGINT, parse_signal(preempt_signal)}:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        sig = signal.Signals(signum)
         if self.received is None:
-            self.received = signal.Signals(signum)
-            log.warning("received %s: finishing this step, then checkpoint and exit",
-                        self.received.name)
+            self.received = sig
+            again = " (Ctrl-C again to abort without it)" if sig == signal.SIGINT else ""
+            log.warning("received %s: finishing this step, then checkpoint and exit%s",
+                        sig.name, again)
+        elif sig == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, as Python would
+
+    @property
+    def exit_code(self) -> int:
+        """The status a run stopped by this flag exits with: Ctrl-C is not requeued."""
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
 
     def watch(self, preempt_signal: str) -> None:
         """Also handle `preempt_signal` (the config's, known once it is loaded)."""

@@ -37,7 +37,14 @@ from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError, RunDirErro
 from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
-from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PreemptionFlag
+from lsdr_repr.preemption import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    PreemptionFlag,
+    exit_code_for,
+)
 from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.staging.feed import Staging
@@ -268,11 +275,14 @@ class Trainer:
         self._last_projection: torch.Tensor | None = None
         # Refuses (CheckpointError) when every checkpoint is unreadable, instead of step 0.
         resume_path, resume_state = load_resume_state(self.run_dir) or (None, None)
+        self.config_dict = config_to_dict(cfg)
         if resume_state:
             self.wandb_run_id = resume_state.get("wandb_run_id")
+            # Before config.yaml and W&B are touched: a run resumed with another model is
+            # refused with nothing of it changed.
+            self._load_weights(resume_path, resume_state)
 
         is_main = self.rank == 0
-        self.config_dict = config_to_dict(cfg)
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / CONFIG_FILE)
@@ -294,9 +304,25 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------ resume
+    def _load_weights(self, path: Path, state: dict) -> None:
+        """The checkpoint's model and optimiser state, or one line naming the config keys that
+        make them not fit (`ConfigError`) instead of torch's list of missing tensors."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            saved = state.get("config", {})
+            changed = [key for section in ("model", "optim")
+                       for key in config_differences(saved.get(section, {}),
+                                                     self.config_dict.get(section, {}),
+                                                     f"{section}.")]
+            why = (", ".join(changed) if changed
+                   else str(exc).strip().splitlines()[0][:200])
+            raise ConfigError(
+                f"{path} does not fit this config's model or optimiser ({why}): resume with "
+                "the settings it was trained with, or start a new train.run_dir") from None
+
     def _restore(self, path: Path, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -462,11 +488,12 @@ class Trainer:
                 # The signal came during start-up (imports, model, loader): nothing new to save;
                 # the newest checkpoint (if any) already holds this state. Exit 3 so the SLURM
                 # script requeues the job instead of losing it.
-                log.warning("preempted during start-up at step %d (%s): nothing new to "
-                            "checkpoint (resume from %s), exiting with %d", self.step,
+                exit_code = preempt.exit_code
+                log.warning("%s during start-up at step %d (%s): nothing new to "
+                            "checkpoint (resume from %s), exiting with %d",
+                            _stopped(exit_code), self.step,
                             preempt.received.name if preempt.received else "signal",
-                            self.checkpointer.good or "the start", EXIT_PREEMPTED)
-                exit_code = EXIT_PREEMPTED
+                            self.checkpointer.good or "the start", exit_code)
                 end = self.step
             while self.step < end:
                 staged = next(self.staging)
@@ -513,9 +540,9 @@ class Trainer:
                     stop = False
                 if stop:
                     last_ckpt = self._save_before_stopping() or last_ckpt
-                    log.warning("preempted at step %d: checkpoint %s written, exiting with %d",
-                                self.step, last_ckpt, EXIT_PREEMPTED)
-                    exit_code = EXIT_PREEMPTED
+                    exit_code = preempt.exit_code
+                    log.warning("%s at step %d: checkpoint %s written, exiting with %d",
+                                _stopped(exit_code), self.step, last_ckpt, exit_code)
                     break
                 if due_save:
                     last_ckpt = self.checkpointer.save(
@@ -528,6 +555,9 @@ class Trainer:
         except TrainingDiverged as exc:
             log.error("%s", exc)
             exit_code = EXIT_DIVERGED
+        except BaseException as exc:
+            exit_code = exit_code_for(exc)  # what summary.json records; the CLI prints it
+            raise
         finally:
             if own_flag:
                 preempt.close()
@@ -536,7 +566,7 @@ class Trainer:
                 self.progress.close()
                 self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
                 self.tracker.finish()
-        if exit_code == EXIT_PREEMPTED:
+        if exit_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
             # Every rank agreed to stop (`_agree`), so every rank is here. torchrun stops the
             # other workers as soon as one exits non-zero: a rank other than 0 (which writes
             # nothing) must not exit 3 while rank 0 is still writing the checkpoint or closing
@@ -634,6 +664,10 @@ class Trainer:
                                       rankme=embedding_diagnostics(z)["rankme"])
 
 
+def _stopped(exit_code: int) -> str:
+    return "interrupted" if exit_code == EXIT_INTERRUPTED else "preempted"
+
+
 def schedule_changes(saved: dict, current: dict) -> list[str]:
     """The `SCHEDULE_KEYS` ("optim.lr", ...) whose values differ between two config dicts."""
     changed = []
@@ -644,11 +678,19 @@ def schedule_changes(saved: dict, current: dict) -> list[str]:
     return changed
 
 
-def _warn_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key=new (checkpoint had old)' for every leaf that differs between two config dicts."""
+    out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            _warn_config_changes(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            log.warning("resuming with %s%s=%r (checkpoint had %r)", prefix, key, b, a)
+            out.append(f"{prefix}{key}={b!r} (checkpoint had {a!r})")
+    return out
+
+
+def _warn_config_changes(saved: dict, current: dict) -> None:
+    for change in config_differences(saved, current):
+        log.warning("resuming with %s", change)
 

@@ -202,6 +202,34 @@ def test_image_folder_input_matches_the_shards(data, run):
     assert cos > 0.9
 
 
+def test_unreadable_images_of_a_folder_are_skipped_counted_and_named(data, run, tmp_path,
+                                                                    caplog):
+    """A truncated JPEG in an ImageFolder: skipped and counted, as the shard reader does, with
+    its path in the log; a folder of nothing but such files is one line."""
+    folder = tmp_path / "val-images"
+    shutil.copytree(data["val_folder"], folder)
+    good = next((folder / "class1").iterdir())
+    (folder / "class1" / "broken.jpg").write_bytes(good.read_bytes()[:300])  # truncated
+    (folder / "class2" / "notes.jpg").write_text("not an image")
+    trained = load_trained_backbone(run)
+    feats = extract_features(trained.backbone, folder, 32, trained.mean, trained.std,
+                             num_workers=1, batch_size=8)  # the skip happens in a worker
+    assert feats.x.shape == (24, 512) and feats.skipped == 2
+    caplog.set_level(logging.WARNING, logger="lsdr_repr.eval")
+    in_process = extract_features(trained.backbone, folder, 32, trained.mean, trained.std,
+                                  num_workers=0)
+    assert in_process.skipped == 2
+    named = " ".join(r.getMessage() for r in caplog.records)
+    assert "broken.jpg" in named and "notes.jpg" in named
+
+    only_bad = tmp_path / "bad-images"
+    (only_bad / "a").mkdir(parents=True)
+    (only_bad / "a" / "broken.jpg").write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match="no images were read"):
+        extract_features(trained.backbone, only_bad, 32, trained.mean, trained.std,
+                         num_workers=0)
+
+
 def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
     trained = load_trained_backbone(run)
     trained.backbone.train()

@@ -26,7 +26,13 @@ from lsdr_repr.checkpoint import load_checkpoint
 from lsdr_repr.cli import main
 from lsdr_repr.config import load_config
 from lsdr_repr.optim import build_optimizer, build_scheduler
-from lsdr_repr.preemption import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from lsdr_repr.preemption import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    PreemptionFlag,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -228,6 +234,82 @@ def test_sigterm_during_the_final_step_ends_a_complete_run_with_0(sample_shards,
     assert result.exit_code == EXIT_OK  # was 3: SLURM requeued a finished job
     assert result.step == cfg.train.total_steps
     assert checkpoint_steps(run_dir)[-1] == cfg.train.total_steps
+
+
+# ------------------------------------------------------------------------- Ctrl-C
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() \
+        else []
+
+
+def test_ctrl_c_checkpoints_the_step_it_stops_at_and_the_rerun_goes_on_from_there(
+        sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = Cli(small(sample_shards, run_dir, "train.total_steps=400",
+                     "train.checkpoint_every=200"))
+    try:
+        proc.wait_for(lambda: len(logged_steps(run_dir)) >= 2, timeout=120)
+        proc.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground process
+        assert proc.finish() == EXIT_INTERRUPTED, proc.output
+    finally:
+        proc.kill()
+    [stopped] = checkpoint_steps(run_dir)  # the step it stopped at, not a cadence step
+    assert 2 <= stopped < 200 and "interrupted at step" in proc.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == EXIT_INTERRUPTED and summary["final_step"] == stopped
+    assert main(small(sample_shards, run_dir, f"train.total_steps={stopped + 2}")) == EXIT_OK
+    assert logged_steps(run_dir) == list(range(1, stopped + 3))  # none lost, none twice
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    flag = PreemptionFlag("SIGUSR2")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.received == signal.SIGINT and flag.exit_code == EXIT_INTERRUPTED
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs in the main thread at the next bytecode
+    finally:
+        flag.close()
+
+
+# ------------------------------------------------ bad input found after start-up work
+def test_an_unreadable_val_set_fails_before_the_first_step(sample_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "no-val-here"
+    code = main(small(sample_shards, run_dir, "train.eval_every=2",
+                      f"data.val_shards={missing}"))
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.val_shards" in err[0] and str(missing) in err[0], err
+    assert logged_steps(run_dir) == [] and checkpoint_steps(run_dir) == []
+
+
+def test_resuming_with_another_model_is_one_line_and_leaves_the_run_as_it_was(
+        sample_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(small(sample_shards, run_dir, "train.total_steps=2")) == EXIT_OK
+    before = {p: digest(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    code = main(small(sample_shards, run_dir, "train.total_steps=4",
+                      "model.projector=[32, 32]"))
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step-00000002.pt" in err[0], err
+    assert "model.projector=[32, 32] (checkpoint had [64, 64, 64])" in err[0], err
+    after = {p: digest(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # config.yaml, metrics, checkpoints: nothing rewritten or added
+
+
+def test_a_run_that_fails_records_its_exit_status_in_the_summary(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    not_a_shard = tmp_path / "noise.tar"
+    not_a_shard.write_bytes(os.urandom(20_000))
+    code = main(small(sample_shards, run_dir, f"data.train_shards={not_a_shard}"))
+    assert code == EXIT_BAD_INPUT
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == EXIT_BAD_INPUT and summary["final_step"] == 0
 
 
 # --------------------------------------------------- 6: resume with a changed schedule

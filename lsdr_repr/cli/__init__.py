@@ -21,8 +21,8 @@ from lsdr_repr.cli import demo, export, shards, slurm, train
 from lsdr_repr.cli import eval as evaluation
 from lsdr_repr.cli._common import formatter
 from lsdr_repr.errors import LsdrError
+from lsdr_repr.preemption import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
-EXIT_USAGE_ERROR = 2
 # In `lsdr --help` order; each module's `register(sub)` adds its commands.
 GROUPS = (demo, train, shards, slurm, export, evaluation)
 
@@ -80,7 +80,7 @@ def _main(argv: list[str], preempt) -> int:
         return int(args.handler(args) or 0)
     except LsdrError as exc:
         print(f"lsdr: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lsdr: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

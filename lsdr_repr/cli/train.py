@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from collections.abc import Sequence
 
 from lsdr_repr.cli._common import add_command, wandb_sync_line
@@ -46,8 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         check_required(cfg, args.config)
         preempt.watch(cfg.train.preempt_signal)
-        log.info("train: %s stop the run with a checkpoint and exit status 3",
-                 " or ".join(sorted(s.name for s in preempt.signals)))
+        requeue = sorted(s.name for s in preempt.signals if s != signal.SIGINT)
+        log.info("train: %s stop the run with a checkpoint and exit status 3 (requeued under "
+                 "SLURM); Ctrl-C with a checkpoint and exit status 130", " or ".join(requeue))
         from lsdr_repr.eval.online import online_validator
         from lsdr_repr.train import train
 

@@ -7,6 +7,7 @@ ImageFolder tree works too), resized to R, normalised with the run's mean/std.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.datasets import ImageFolder
 
 from data_pipelines.writer import is_image_folder
 from lsdr_repr.errors import DataError, LsdrError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,18 +82,42 @@ def _iter_image_folder(
     root: Path, image_size: int, batch_size: int, num_workers: int, rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    from torchvision.datasets import ImageFolder
-
     try:
-        dataset = ImageFolder(str(root), transform=_image_folder_transform(image_size))
+        dataset = _SkippingImageFolder(str(root), transform=_image_folder_transform(image_size))
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"{root}: not a readable image folder ({exc})") from None
     if world_size > 1:
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
-    for images, labels in loader:
-        yield images, labels.long(), 0
+                                         num_workers=num_workers, collate_fn=_collate_readable)
+    yield from loader  # (images, labels, skipped) per batch
+
+
+class _SkippingImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images (truncated, corrupt) come back as None,
+    each logged with its path, so that the loader skips and counts them, as the shard reader
+    does, instead of ending the evaluation with a worker's traceback."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for a bad file
+            path = self.samples[index][0]
+            log.warning("%s: unreadable image skipped (%s)", path, exc)
+            return None, self.samples[index][1]
+
+
+def _collate_readable(
+    items: list[tuple[torch.Tensor | None, int]],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images [B,3,S,S], labels [B], skipped) of the readable items of one batch."""
+    kept = [(image, label) for image, label in items if image is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return (torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
+                skipped)
+    return (torch.stack([image for image, _ in kept]),
+            torch.tensor([label for _, label in kept], dtype=torch.long), skipped)
 
 
 def normalize_images(
@@ -142,6 +170,8 @@ def extract_features(
             for images, labels, skip in iter_images(data, image_size, batch_size, num_workers,
                                                     rank, world_size):
                 skipped += skip
+                if len(images) == 0:  # every image of this batch was unreadable
+                    continue
                 if max_samples is not None:
                     images, labels = images[:max_samples - seen], labels[:max_samples - seen]
                 x = normalize_images(images.to(device, non_blocking=True), image_size, mean, std)
@@ -159,6 +189,19 @@ def extract_features(
         return Features(torch.empty(0, int(backbone.num_features)),
                         torch.empty(0, dtype=torch.long), skipped)
     return Features(torch.cat(xs), torch.cat(ys), skipped)
+
+
+def check_readable_data(data: str | Path) -> None:
+    """Open what an evaluation of `data` reads first (an ImageFolder, or the first shard of
+    each `::`-joined shard spec), so a set that cannot be read fails in one line (`LsdrError`)
+    when a run starts, not at its first evaluation."""
+    if is_image_folder(data):
+        return
+    from data_pipelines.sources import check_readable, resolve_source
+
+    for part in str(data).split("::"):
+        source = resolve_source(part)
+        check_readable(source.urls[0], source.spec)
 
 
 def count_images(data: str | Path) -> int | None:

@@ -21,8 +21,14 @@ import torch
 from torch import nn
 
 from lsdr_repr import distributed as dist
+from lsdr_repr.errors import LsdrError
 from lsdr_repr.eval import probes
-from lsdr_repr.eval.features import Features, extract_features, resolve_device
+from lsdr_repr.eval.features import (
+    Features,
+    check_readable_data,
+    extract_features,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,14 @@ class OnlineKnn:
 
 def online_validator(cfg: Any) -> OnlineKnn | None:
     """The validator `cfg` asks for (`lsdr_repr.config.Config`), or None: no `train.eval_every`
-    or no `data.val_shards`."""
+    or no `data.val_shards`. The set is opened here: an unreadable one fails before training,
+    not `train.eval_every` steps into it with those steps lost."""
     if not (cfg.train.eval_every and cfg.data.val_shards):
         return None
+    try:
+        check_readable_data(cfg.data.val_shards)
+    except LsdrError as exc:
+        raise type(exc)(f"data.val_shards: {exc}") from None
     return OnlineKnn(cfg.data.val_shards, cfg.train.eval_every, cfg.augment.crop_size,
                      cfg.augment.mean, cfg.augment.std,
                      num_workers=min(2, cfg.data.num_workers))
