@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from lsdr_repr.config import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 def scaled_lr(optim_cfg: OptimConfig, global_batch_size: int) -> float:
@@ -69,6 +72,10 @@ def build_scheduler(
 ) -> CosineLRScheduler:
     """Linear warm-up then cosine decay, stepped per optimiser update (`step_update(step)`)."""
     base_lr = optimizer.param_groups[0]["lr"]
+    if optim_cfg.warmup_steps >= total_steps > 0:
+        log.warning("optim.warmup_steps=%d is not shorter than train.total_steps=%d: the "
+                    "learning rate never reaches optim.lr (lower optim.warmup_steps for a short "
+                    "run)", optim_cfg.warmup_steps, total_steps)
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total_steps),

@@ -526,6 +526,10 @@ def _check_slurm(cfg: Config) -> None:
     if s.mem is not None and not _MEM.match(s.mem):
         raise SubmitError(f"slurm.mem: {s.mem!r} is not a SLURM memory size (e.g. 480G)")
     limit = parse_slurm_time(s.time)
+    if limit is None and s.time.strip().upper() not in ("INFINITE", "UNLIMITED"):
+        # Checked here, not left to sbatch: a --dry-run would print it as if it were valid.
+        raise SubmitError(f"slurm.time: {s.time!r} is not a SLURM time limit (minutes, M:S, "
+                          "H:M:S, D-H, D-H:M or D-H:M:S, e.g. 48:00:00 or 2-00:00:00)")
     if limit is not None and s.signal_seconds >= limit:
         raise SubmitError(f"slurm.signal_seconds ({s.signal_seconds}) must be shorter than the "
                           f"time limit {s.time!r} ({limit} s), or the job is warned at once")
@@ -537,7 +541,7 @@ def _check_slurm(cfg: Config) -> None:
 
 def parse_slurm_time(text: str) -> int | None:
     """SLURM's --time forms in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; None if not one
-    (sbatch then reports it) or unlimited."""
+    or unlimited."""
     text = text.strip()
     if text.upper() in ("INFINITE", "UNLIMITED"):
         return None

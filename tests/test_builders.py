@@ -80,3 +80,19 @@ def test_layer_weights_must_match_stages():
 def test_bad_config_raises_one_line_config_error(augment, message):
     with pytest.raises(ConfigError, match=message):
         build_augment(make_cfg(**augment))
+
+
+@pytest.mark.parametrize(("warmup", "warned"), [(20, True), (6, True), (5, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog, warmup, warned):
+    import logging
+
+    import torch
+
+    from lsdr_repr.config import OptimConfig
+    from lsdr_repr.optim import build_optimizer, build_scheduler
+
+    cfg = OptimConfig(warmup_steps=warmup)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg, 16)
+    caplog.set_level(logging.WARNING, logger="lsdr_repr.optim")
+    build_scheduler(optimizer, cfg, total_steps=6)
+    assert ("optim.warmup_steps" in caplog.text) == warned

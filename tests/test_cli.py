@@ -116,3 +116,17 @@ def test_a_stray_word_after_the_options_is_still_a_usage_error(capsys):
     assert "unrecognized arguments: stray" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a command without overrides takes no key=value
         parse_command_line(["shards", "verify", "d", "a=b"])
+
+
+@pytest.mark.parametrize(("argv", "usage", "unknown"), [
+    (["train", "configs/demo.yaml", "--resume", "runs/x"], "usage: lsdr train ", "--resume runs/x"),
+    (["shards", "write", "src", "out", "--bogus"], "usage: lsdr shards write ", "--bogus"),
+    (["submit", "configs/demo.yaml", "--gpu-per-node", "4"], "usage: lsdr submit ",
+     "--gpu-per-node 4"),
+])
+def test_an_unknown_option_shows_the_commands_own_usage(capsys, argv, usage, unknown):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_command_line(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(usage), err
+    assert f"unrecognized arguments: {unknown}" in err

@@ -161,7 +161,7 @@ def test_dry_run_of_4_nodes_x_8_gpus_is_a_valid_sbatch_script(slurm_cluster, tmp
 
 @pytest.mark.parametrize(("options", "expected"), [
     (sub.SubmitOptions(partition="nosuchpartition"), "invalid partition"),
-    (sub.SubmitOptions(time="10:xx"), "time"),
+    (sub.SubmitOptions(constraint="nosuchfeature"), "feature"),
 ])
 def test_sbatch_rejection_is_one_clear_line(slurm_cluster, tmp_path, options, expected):
     run_dir = tmp_path / "run"

@@ -200,6 +200,7 @@ def test_submit_without_sbatch_is_one_clear_error(tmp_path, monkeypatch):
     (['train.run_dir="a\\nb"'], sub.SubmitOptions(), "line break"),
     (["train.preempt_signal=SIGNOPE"], sub.SubmitOptions(), "preempt_signal"),
     ([], sub.SubmitOptions(array="0-3; x"), "array spec"),
+    ([], sub.SubmitOptions(time="48h"), "slurm.time: '48h' is not a SLURM time limit"),
 ])
 def test_bad_requests_fail_before_sbatch(tmp_path, overrides, options, message):
     cfg_path = _config(tmp_path)

@@ -62,7 +62,8 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     args, rest = parser.parse_known_args(list(argv))
     extra = [word for word in rest if "=" in word and not word.startswith("-")]
     if len(extra) != len(rest) or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        command = getattr(args, "command_parser", None) or parser
+        command.error(f"unrecognized arguments: {' '.join(rest)}")
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     return args

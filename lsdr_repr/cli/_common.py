@@ -11,11 +11,15 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def add_command(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-    """A subcommand parser whose `--help` ends with an example."""
-    return sub.add_parser(
+    """A subcommand parser whose `--help` ends with an example. It records itself in the parsed
+    namespace (`command_parser`; the innermost command's wins), so a usage error names the
+    command's own usage, not the top-level one."""
+    parser = sub.add_parser(
         name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}",
         formatter_class=formatter,
     )
+    parser.set_defaults(command_parser=parser)
+    return parser
 
 
 class IntermixedParser(argparse.ArgumentParser):
