@@ -225,7 +225,11 @@ def submit(
         log_pattern=str(run_dir / ("slurm-%A_%a.out" if options.array else "slurm-%j.out")),
         wandb=_describe_wandb(cfg, run_dir),
     )
-    if dry_run:
+    config_path = run_dir / CONFIG_FILE
+    script_path = run_dir / SCRIPT_FILE
+    if dry_run:  # what would be written and run, written nowhere
+        result.script_path, result.config_path = script_path, config_path
+        result.sbatch_command = ["sbatch", "--parsable", str(script_path), str(config_path)]
         return result
 
     sbatch = shutil.which("sbatch")
@@ -238,8 +242,6 @@ def submit(
         raise SubmitError(f"{run_dir} already has job {j.job_id} {j.state}: two jobs must not "
                           f"train in one run dir (scancel {j.job_id}, or set train.run_dir)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / CONFIG_FILE
-    script_path = run_dir / SCRIPT_FILE
     dump_config(cfg, config_path)
     script_path.write_text(script)
     script_path.chmod(0o755)

@@ -177,6 +177,8 @@ def test_dry_run_cli_prints_script_and_writes_nothing(tmp_path):
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=3\n" \
         in proc.stdout
     assert not (tmp_path / "run").exists()
+    run = tmp_path / "run"  # stderr names what a real submit would write and run
+    assert f"run: sbatch --parsable {run / 'train.sbatch'} {run / 'config.yaml'}" in proc.stderr
 
 
 def test_submit_without_sbatch_is_one_clear_error(tmp_path, monkeypatch):

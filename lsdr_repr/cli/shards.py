@@ -126,8 +126,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
     if result.shards_reused:
         print(f"kept {len(result.shards_reused)} complete shards from an earlier run, "
               f"wrote {len(result.shards_written)}")
-    if result.skipped:
-        print(f"skipped {result.skipped} files (reasons in {result.report_path})")
+    # skipped files: the writer's own warning names how many and where the reasons are
     print(f"manifest: {result.manifest_path}")
     return EXIT_OK
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 from lsdr_repr.cli._common import IntermixedParser
@@ -61,6 +62,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result = submit(args.config, args.overrides, options, dry_run=args.dry_run)
     if args.dry_run:
         print(result.script, end="")
+        # on stderr: stdout stays the script alone (`lsdr submit ... --dry-run > job.sh`)
+        print(f"dry run: nothing written or submitted; a submit would write the resolved "
+              f"config to {result.config_path} (see `lsdr config`) and run: "
+              f"{shlex.join(result.sbatch_command)}", file=sys.stderr)
         return 0
     print(result.describe())
     return _watch(result.run_dir, args.interval) if args.watch else 0
