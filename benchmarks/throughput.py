@@ -897,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         # (e) DALI on the same shards, feeding the same model step
         if not args.no_dali and dali_available():
             for shard_set in ("full",):
-                guarded(rows, "dali", f"{device.type}:{shard_set}", lambda s=shard_set: measure_dali(
+                where = "gpu" if device.type == "cuda" else device.type  # the rows' names
+                guarded(rows, "dali", f"{where}:{shard_set}", lambda s=shard_set: measure_dali(
                     trainer, shards[s], steps, warmup, args.gpu_workers))
                 if rows[-1].get("pairs_per_s"):
                     rows[-1]["model"] = "default"

@@ -595,11 +595,17 @@ def _worker_message(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
+# SLURM signals every process of a job step (SIGTERM, and --signal's SIGUSR1/2 without B:), and
+# Ctrl-C every process of the terminal's foreground group.
+_MAIN_PROCESS_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _ignore_termination(worker_id: int) -> None:
-    """Workers ignore SIGTERM: SLURM signals every process of a job step, and a worker that died
-    would crash the main process before it can write its preemption checkpoint. The main process
-    ends its workers itself when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Workers ignore the signals that stop a run: a worker that died of one would crash the
+    main process before it can write its checkpoint, and one that inherited the trainer's
+    handler would report the signal again. The main process ends its workers itself."""
+    for sig in _MAIN_PROCESS_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _loader(dataset: ShardStream, *, num_workers: int, prefetch_factor: int, pin_memory: bool,

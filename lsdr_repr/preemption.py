@@ -1,10 +1,11 @@
-"""Turn SIGTERM, the preemption signal and Ctrl-C into a flag the training loop checks between
-steps.
+"""Turn SIGTERM, the preemption signal and (for `lsdr train`) Ctrl-C into a flag the training
+loop checks between steps.
 
 The handler only sets a flag: the step in flight finishes, every rank agrees on the stop step
 (an all-reduce of the flag), the checkpoint is written, and the process exits with
-`EXIT_PREEMPTED` so the SLURM script knows to requeue, or with `EXIT_INTERRUPTED` after Ctrl-C
-(SIGINT: a person stopped it; no requeue). A second Ctrl-C aborts at once (KeyboardInterrupt).
+`EXIT_PREEMPTED` so the SLURM script knows to requeue, or with `EXIT_INTERRUPTED` when the only
+signal was Ctrl-C (SIGINT: a person stopped it; no requeue). Ctrl-C during start-up, or a
+second one, stops at once (KeyboardInterrupt), as Python's own handler would.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); checkpo
 
 def exit_code_for(exc: BaseException) -> int:
     """The exit status `lsdr train` ends with when `exc` escapes the run."""
-    if isinstance(exc, LsdrError):
+    if isinstance(exc, (LsdrError, OSError)):  # train() reports an OSError as RunDirError
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -36,45 +37,63 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def parse_signal(name: str) -> signal.Signals:
-    """'SIGUSR2', 'USR2' or '12' -> signal.SIGUSR2."""
+    """'SIGUSR2', 'USR2' or '12' -> signal.SIGUSR2, for `train.preempt_signal`, which cannot be
+    SIGINT: that is Ctrl-C, which stops a run without requeueing it."""
     text = name.strip().upper()
     if text.isdigit():
         try:
-            return signal.Signals(int(text))
+            sig = signal.Signals(int(text))
         except ValueError:
             raise ConfigError(f"train.preempt_signal: unknown signal number {name!r}") from None
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return signal.Signals[text]
-    except KeyError:
-        raise ConfigError(f"train.preempt_signal: unknown signal {name!r}") from None
+    else:
+        try:
+            sig = signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+        except KeyError:
+            raise ConfigError(f"train.preempt_signal: unknown signal {name!r}") from None
+    if sig == signal.SIGINT:
+        raise ConfigError(f"train.preempt_signal: {name!r} is Ctrl-C, which stops a run without "
+                          "requeueing it; use SIGUSR2 (the default), SIGUSR1 or SIGTERM")
+    return sig
 
 
 class PreemptionFlag:
-    """Installs handlers for SIGTERM, SIGINT and `preempt_signal`; restores the old ones on
-    `close()`."""
+    """Handlers for SIGTERM and `preempt_signal`, and with `interrupt=True` (`lsdr train`) for
+    Ctrl-C; the previous handlers come back on `close()`.
 
-    def __init__(self, preempt_signal: str) -> None:
+    Ctrl-C stops at once (KeyboardInterrupt, nothing to save) until `hold_interrupts()`, which
+    the trainer calls when its first step starts; from then on the first Ctrl-C sets the flag
+    like a preemption and a second one stops at once. A SIGINT the process inherited as ignored
+    (a background job of a script) stays ignored. Without `interrupt` (the library's default:
+    benchmarks, notebooks, tests) Ctrl-C keeps Python's behaviour.
+    """
+
+    def __init__(self, preempt_signal: str, *, interrupt: bool = False) -> None:
         self.received: signal.Signals | None = None
+        self.requeue = False  # a signal other than Ctrl-C came: the SLURM script should requeue
+        self._holding = False
         self._previous: dict[signal.Signals, object] = {}
-        for sig in {signal.SIGTERM, signal.SIGINT, parse_signal(preempt_signal)}:
+        sigs = {signal.SIGTERM, parse_signal(preempt_signal)}
+        if interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            sigs.add(signal.SIGINT)
+        for sig in sigs:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            if not self._holding or self.received is not None:
+                raise KeyboardInterrupt  # start-up, or a second signal: stop now
+        else:
+            self.requeue = True
         if self.received is None:
             self.received = sig
-            again = " (Ctrl-C again to abort without it)" if sig == signal.SIGINT else ""
+            again = " (Ctrl-C again to stop without it)" if sig == signal.SIGINT else ""
             log.warning("received %s: finishing this step, then checkpoint and exit%s",
                         sig.name, again)
-        elif sig == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, as Python would
 
-    @property
-    def exit_code(self) -> int:
-        """The status a run stopped by this flag exits with: Ctrl-C is not requeued."""
-        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
+    def hold_interrupts(self) -> None:
+        """From now on the first Ctrl-C is a stop with a checkpoint (the training loop)."""
+        self._holding = True
 
     def watch(self, preempt_signal: str) -> None:
         """Also handle `preempt_signal` (the config's, known once it is loaded)."""

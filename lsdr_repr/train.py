@@ -312,12 +312,17 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             saved = state.get("config", {})
-            changed = [key for section in ("model", "optim")
-                       for key in config_differences(saved.get(section, {}),
-                                                     self.config_dict.get(section, {}),
-                                                     f"{section}.")]
+            schedule = {f"{section}.{key}=" for section, key in SCHEDULE_KEYS}  # resumable
+            changed = [change for section in ("model", "optim")
+                       for change in config_differences(saved.get(section, {}),
+                                                        self.config_dict.get(section, {}),
+                                                        f"{section}.")
+                       if not any(change.startswith(key) for key in schedule)]
+            # torch's first line is only "Error(s) in loading state_dict for ...": the next
+            # names the tensors
+            detail = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
             why = (", ".join(changed) if changed
-                   else str(exc).strip().splitlines()[0][:200])
+                   else detail[min(1, len(detail) - 1)][:200] if detail else type(exc).__name__)
             raise ConfigError(
                 f"{path} does not fit this config's model or optimiser ({why}): resume with "
                 "the settings it was trained with, or start a new train.run_dir") from None
@@ -488,13 +493,14 @@ class Trainer:
                 # The signal came during start-up (imports, model, loader): nothing new to save;
                 # the newest checkpoint (if any) already holds this state. Exit 3 so the SLURM
                 # script requeues the job instead of losing it.
-                exit_code = preempt.exit_code
+                exit_code = self._stop_status(preempt)
                 log.warning("%s during start-up at step %d (%s): nothing new to "
                             "checkpoint (resume from %s), exiting with %d",
                             _stopped(exit_code), self.step,
                             preempt.received.name if preempt.received else "signal",
                             self.checkpointer.good or "the start", exit_code)
                 end = self.step
+            preempt.hold_interrupts()  # from here a first Ctrl-C stops with a checkpoint
             while self.step < end:
                 staged = next(self.staging)
                 chunks, skipped = staged.value
@@ -540,7 +546,7 @@ class Trainer:
                     stop = False
                 if stop:
                     last_ckpt = self._save_before_stopping() or last_ckpt
-                    exit_code = preempt.exit_code
+                    exit_code = self._stop_status(preempt)
                     log.warning("%s at step %d: checkpoint %s written, exiting with %d",
                                 _stopped(exit_code), self.step, last_ckpt, exit_code)
                     break
@@ -564,7 +570,9 @@ class Trainer:
             if not paused:  # stopped by max_steps: run() may be called again to go on
                 self.staging.reset()
                 self.progress.close()
-                self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code})
+                newest = last_ckpt or self.checkpointer.good  # what a rerun resumes from
+                self.tracker.log_summary({"final_step": self.step, "exit_code": exit_code,
+                                          "checkpoint": str(newest) if newest else None})
                 self.tracker.finish()
         if exit_code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
             # Every rank agreed to stop (`_agree`), so every rank is here. torchrun stops the
@@ -617,6 +625,11 @@ class Trainer:
                 f"step {self.step}: rank 0 could not write the preemption checkpoint (its log "
                 "names the cause); nothing newer than the last checkpoint is saved")
         return path
+
+    def _stop_status(self, preempt: PreemptionFlag) -> int:
+        """One status on every rank: 3 (requeue) if any rank saw a preemption signal, 130 if
+        Ctrl-C was all there was (a SIGINT may reach one rank, SLURM's signal another)."""
+        return EXIT_PREEMPTED if self._agree(preempt.requeue) else EXIT_INTERRUPTED
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank saw the preemption signal (they stop at the same step)."""

@@ -221,6 +221,16 @@ def test_unreadable_images_of_a_folder_are_skipped_counted_and_named(data, run, 
     assert in_process.skipped == 2
     named = " ".join(r.getMessage() for r in caplog.records)
     assert "broken.jpg" in named and "notes.jpg" in named
+    # one image per batch: whole batches unreadable, the last one too (class3/zz.jpg)
+    (folder / "class3" / "zz.jpg").write_bytes(b"\xff\xd8 truncated")
+    images = load_images01(folder, 32, max_images=100, batch_size=1, num_workers=0)
+    assert images.shape == (24, 3, 32, 32)
+    from lsdr_repr.eval.finetune import _train_batches  # `lsdr eval finetune`'s training data
+
+    batches = _train_batches(str(folder), 32, 10, 0, seed=0)
+    drawn = [next(batches) for _ in range(6)]  # 24 readable images: past an epoch's end
+    assert all(images.shape[1:] == (3, 32, 32) and 0 < len(labels) == len(images) <= 10
+               for images, labels in drawn)  # a batch of 10 files less its unreadable ones
 
     only_bad = tmp_path / "bad-images"
     (only_bad / "a").mkdir(parents=True)
@@ -228,6 +238,10 @@ def test_unreadable_images_of_a_folder_are_skipped_counted_and_named(data, run, 
     with pytest.raises(DataError, match="no images were read"):
         extract_features(trained.backbone, only_bad, 32, trained.mean, trained.std,
                          num_workers=0)
+    with pytest.raises(DataError, match="no images were read"):
+        load_images01(only_bad, 32, max_images=10, num_workers=0)
+    with pytest.raises(DataError, match="no readable images"):
+        next(_train_batches(str(only_bad), 32, 10, 0, seed=0))
 
 
 def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):

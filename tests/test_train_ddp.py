@@ -157,7 +157,9 @@ def uninterrupted(sample_shards, tmp_path_factory) -> dict:
 def stop_mid_run(cmd: list[str], run_dir: Path, log: Path, after_step: int,
                  how: str) -> tuple[str, float]:
     """Launch `cmd`; once checkpoint `after_step` exists, send kill -9 to rank 1 ("kill") or
-    SIGUSR2 to every rank ("usr2"). -> (the launcher's output, seconds from signal to exit)."""
+    SIGUSR2 to rank 0 and Ctrl-C's SIGINT to rank 1 ("mixed": a preemption that one rank sees
+    as Ctrl-C must still be requeued by all). -> (the launcher's output, seconds from signal to
+    exit)."""
     proc = launch(cmd, log)
     deadline = time.monotonic() + 240
     while after_step not in checkpoint_steps(run_dir):
@@ -169,8 +171,8 @@ def stop_mid_run(cmd: list[str], run_dir: Path, log: Path, after_step: int,
     if how == "kill":
         os.kill(ranks[1], signal.SIGKILL)
     else:
-        for pid in ranks.values():
-            os.kill(pid, signal.SIGUSR2)
+        os.kill(ranks[0], signal.SIGUSR2)
+        os.kill(ranks[1], signal.SIGINT)
     start = time.monotonic()
     code = proc.wait(timeout=180)
     out = log.read_text()
@@ -182,8 +184,8 @@ def stop_mid_run(cmd: list[str], run_dir: Path, log: Path, after_step: int,
 @pytest.mark.slow
 def test_a_two_rank_run_preempted_then_killed_resumes_to_the_uninterrupted_weights(
         sample_shards, uninterrupted, tmp_path):
-    """SIGUSR2 to every rank (what SLURM sends each task) after step 2: one checkpoint at the
-    step they stop at, ranks exit 3. The same command resumes; kill -9 of rank 1 after the next
+    """SIGUSR2 to rank 0 (what SLURM sends each task) and SIGINT to rank 1 after step 2: one
+    checkpoint at the step they stop at, both ranks exit 3 (requeue), not 130. The same command resumes; kill -9 of rank 1 after the next
     checkpoint: the survivor fails on gloo's connection reset, well before torchrun's SIGKILL
     escalation (30 s) or a collective timeout. The same command again ends with the weights and
     optimiser state of a run never stopped. (The barrier that keeps rank 1 from exiting before
@@ -192,7 +194,7 @@ def test_a_two_rank_run_preempted_then_killed_resumes_to_the_uninterrupted_weigh
     run_dir = tmp_path / "run"
     cmd = torchrun_train(sample_shards, run_dir)
 
-    out, _ = stop_mid_run(cmd, run_dir, tmp_path / "preempted.log", 2, "usr2")
+    out, _ = stop_mid_run(cmd, run_dir, tmp_path / "preempted.log", 2, "mixed")
     codes = rank_exit_codes(out)
     # The rank that leaves first exits 3; torchrun may then SIGTERM the other, which has
     # already passed the barrier after the checkpoint (or exits 3 itself first).

@@ -25,6 +25,7 @@ from lsdr_repr import distributed as dist
 from lsdr_repr.checkpoint import load_checkpoint
 from lsdr_repr.cli import main
 from lsdr_repr.config import load_config
+from lsdr_repr.errors import ConfigError
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import (
     EXIT_DIVERGED,
@@ -61,11 +62,11 @@ def small(sample_shards: dict[str, Path], run_dir: Path, *extra: str) -> list[st
 class Cli:
     """`python -m lsdr_repr ...` in a real process; its output collected by a thread."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], new_session: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lsdr_repr", *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -247,31 +248,66 @@ def test_ctrl_c_checkpoints_the_step_it_stops_at_and_the_rerun_goes_on_from_ther
         sample_shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = Cli(small(sample_shards, run_dir, "train.total_steps=400",
-                     "train.checkpoint_every=200"))
+                     "train.checkpoint_every=200"), new_session=True)
     try:
         proc.wait_for(lambda: len(logged_steps(run_dir)) >= 2, timeout=120)
-        proc.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground process
+        # Ctrl-C signals the terminal's whole foreground group: the loader's worker too
+        os.killpg(proc.proc.pid, signal.SIGINT)
         assert proc.finish() == EXIT_INTERRUPTED, proc.output
     finally:
         proc.kill()
     [stopped] = checkpoint_steps(run_dir)  # the step it stopped at, not a cadence step
     assert 2 <= stopped < 200 and "interrupted at step" in proc.output
+    assert proc.output.count("received SIGINT") == 1, proc.output  # not again by a worker
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exit_code"] == EXIT_INTERRUPTED and summary["final_step"] == stopped
+    assert summary["checkpoint"].endswith(f"step-{stopped:08d}.pt")
     assert main(small(sample_shards, run_dir, f"train.total_steps={stopped + 2}")) == EXIT_OK
     assert logged_steps(run_dir) == list(range(1, stopped + 3))  # none lost, none twice
 
 
-def test_a_second_ctrl_c_aborts_at_once():
-    flag = PreemptionFlag("SIGUSR2")
+def send_sigint_to_self() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)  # a Python handler runs in the main thread at the next bytecode
+
+
+def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():
+    flag = PreemptionFlag("SIGUSR2", interrupt=True)
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert flag.received == signal.SIGINT and flag.exit_code == EXIT_INTERRUPTED
+        with pytest.raises(KeyboardInterrupt):  # start-up: nothing to save
+            send_sigint_to_self()
+        assert not flag.is_set
+        flag.hold_interrupts()  # the training loop
+        try:
+            send_sigint_to_self()
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C in the training loop must only set the flag")
+        assert flag.received == signal.SIGINT and not flag.requeue
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs in the main thread at the next bytecode
+            send_sigint_to_self()
     finally:
         flag.close()
+
+
+def test_ctrl_c_is_left_alone_where_it_is_not_asked_for_or_inherited_ignored():
+    library = PreemptionFlag("SIGUSR2")  # benchmarks, notebooks: Python's own Ctrl-C
+    try:
+        assert signal.SIGINT not in library.signals
+    finally:
+        library.close()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a script
+    try:
+        flag = PreemptionFlag("SIGUSR2", interrupt=True)
+        assert signal.SIGINT not in flag.signals
+        flag.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "int", "2"])
+def test_ctrl_c_cannot_be_the_preemption_signal(name):
+    with pytest.raises(ConfigError, match="Ctrl-C, which stops a run without requeueing"):
+        PreemptionFlag(name)
 
 
 # ------------------------------------------------ bad input found after start-up work

@@ -41,15 +41,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lsdr_repr.preemption import PreemptionFlag
 
     # `main` installed the handlers before anything heavy; this adds the config's signal.
-    preempt = getattr(args, "preempt", None) or PreemptionFlag("SIGUSR2")
+    preempt = getattr(args, "preempt", None) or PreemptionFlag("SIGUSR2", interrupt=True)
     try:
         # The config is read and checked before torch loads: a typo answers at once.
         cfg = load_config(args.config, args.overrides)
         check_required(cfg, args.config)
         preempt.watch(cfg.train.preempt_signal)
         requeue = sorted(s.name for s in preempt.signals if s != signal.SIGINT)
+        ctrl_c = ("; Ctrl-C, once training runs, with a checkpoint and exit status 130"
+                  if signal.SIGINT in preempt.signals else "")
         log.info("train: %s stop the run with a checkpoint and exit status 3 (requeued under "
-                 "SLURM); Ctrl-C with a checkpoint and exit status 130", " or ".join(requeue))
+                 "SLURM)%s", " or ".join(requeue), ctrl_c)
         from lsdr_repr.eval.online import online_validator
         from lsdr_repr.train import train
 
@@ -80,4 +82,4 @@ def early_preemption_flag(argv: Sequence[str]):
         return None
     from lsdr_repr.preemption import PreemptionFlag
 
-    return PreemptionFlag("SIGUSR2")
+    return PreemptionFlag("SIGUSR2", interrupt=True)

@@ -8,7 +8,7 @@ ImageFolder tree works too), resized to R, normalised with the run's mean/std.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,18 +82,23 @@ def _iter_image_folder(
     root: Path, image_size: int, batch_size: int, num_workers: int, rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    try:
-        dataset = _SkippingImageFolder(str(root), transform=_image_folder_transform(image_size))
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"{root}: not a readable image folder ({exc})") from None
+    dataset = image_folder_dataset(root, image_size)
     if world_size > 1:
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate_readable)
-    yield from loader  # (images, labels, skipped) per batch
+                                         num_workers=num_workers, collate_fn=collate_readable)
+    yield from readable_batches(loader, image_size)
 
 
-class _SkippingImageFolder(ImageFolder):
+def image_folder_dataset(root: str | Path, image_size: int) -> ReadableImageFolder:
+    """An ImageFolder tree as (uint8 [3,S,S] or None for an unreadable image, label) items."""
+    try:
+        return ReadableImageFolder(str(root), transform=_image_folder_transform(image_size))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{root}: not a readable image folder ({exc})") from None
+
+
+class ReadableImageFolder(ImageFolder):
     """torchvision's ImageFolder whose unreadable images (truncated, corrupt) come back as None,
     each logged with its path, so that the loader skips and counts them, as the shard reader
     does, instead of ending the evaluation with a worker's traceback."""
@@ -107,17 +112,32 @@ class _SkippingImageFolder(ImageFolder):
             return None, self.samples[index][1]
 
 
-def _collate_readable(
+def collate_readable(
     items: list[tuple[torch.Tensor | None, int]],
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(images [B,3,S,S], labels [B], skipped) of the readable items of one batch."""
+    """(images [B,3,S,S], labels [B], skipped) of the readable items of one batch (B may be 0:
+    `readable_batches` drops such batches)."""
     kept = [(image, label) for image, label in items if image is not None]
-    skipped = len(items) - len(kept)
-    if not kept:
-        return (torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
-                skipped)
-    return (torch.stack([image for image, _ in kept]),
-            torch.tensor([label for _, label in kept], dtype=torch.long), skipped)
+    images = [image for image, _ in kept]
+    return (torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+            torch.tensor([label for _, label in kept], dtype=torch.long),
+            len(items) - len(kept))
+
+
+def readable_batches(
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, int]], image_size: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """A `collate_readable` loader's batches without the empty ones: their skipped count goes
+    with the next batch, and a count left at the end with an empty [0,3,S,S] batch."""
+    pending = 0
+    for images, labels, skipped in loader:
+        pending += skipped
+        if len(labels):
+            yield images, labels, pending
+            pending = 0
+    if pending:
+        yield (torch.empty(0, 3, image_size, image_size, dtype=torch.uint8),
+               torch.empty(0, dtype=torch.long), pending)
 
 
 def normalize_images(
@@ -227,6 +247,6 @@ def load_images01(data: str | Path, image_size: int, max_images: int,
         seen += len(chunks[-1])
         if seen >= max_images:
             break
-    if not chunks:
+    if seen == 0:
         raise DataError(f"{data}: no images were read")
     return torch.cat(chunks).float().div(255.0)

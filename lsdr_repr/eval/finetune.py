@@ -19,10 +19,12 @@ from lsdr_repr.errors import DataError
 from lsdr_repr.eval import probes
 from lsdr_repr.eval.cache import Evaluator
 from lsdr_repr.eval.features import (
-    _image_folder_transform,
+    collate_readable,
     count_images,
+    image_folder_dataset,
     iter_images,
     normalize_images,
+    readable_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -132,16 +134,20 @@ def _train_batches(data: str, image_size: int, batch_size: int, num_workers: int
                    seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled (uint8 images, labels) of a labelled set."""
     if is_image_folder(data):
-        from torchvision.datasets import ImageFolder
-
-        ds = ImageFolder(str(data), transform=_image_folder_transform(image_size))
+        ds = image_folder_dataset(data, image_size)
         gen = torch.Generator().manual_seed(seed)
         while True:
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
                                                  generator=gen, num_workers=num_workers,
-                                                 drop_last=len(ds) > batch_size)
-            for images, labels in loader:
-                yield images, labels.long()
+                                                 drop_last=len(ds) > batch_size,
+                                                 collate_fn=collate_readable)
+            served = 0
+            for images, labels, _ in readable_batches(loader, image_size):
+                if len(labels):
+                    served += 1
+                    yield images, labels
+            if not served:  # an epoch of nothing: every image is unreadable
+                raise DataError(f"{data}: no readable images to fine-tune on")
     from data_pipelines.reader import make_train_loader
     from lsdr_repr.config import DataConfig
 
