@@ -67,7 +67,10 @@ SCHEDULE_KEYS = (
 class Validator(Protocol):
     """What the trainer asks of an evaluation during training (lsdr_repr.eval.online.OnlineKnn):
     injected, so the trainer imports no evaluation code. `run` is called on every rank with the
-    backbone and returns the metrics to log."""
+    backbone and returns the metrics to log. `check_data` opens its data at start-up, right
+    after the training data, so a set it cannot read fails before any step is trained."""
+
+    def check_data(self) -> None: ...
 
     def should_run(self, step: int) -> bool: ...
 
@@ -214,6 +217,8 @@ class Trainer:
         # that cannot be read fails here in one line. Without manifests there are no epochs.
         self.train_data = resolve_train_data(cfg.data)
         self.samples_per_epoch = self.train_data.num_samples
+        if validator is not None:
+            validator.check_data()
         if self.samples_per_epoch is None and env.rank == 0:
             log.info("%s: no shard manifest: logging steps and samples seen instead of epochs "
                      "(`lsdr shards index` writes one)", self.train_data.name)

@@ -43,6 +43,13 @@ class OnlineKnn:
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.num_workers, self.k, self.temperature = num_workers, k, temperature
 
+    def check_data(self) -> None:
+        """Open the set (its first shard, or the folder), `LsdrError` naming data.val_shards."""
+        try:
+            check_readable_data(self.data)
+        except LsdrError as exc:
+            raise type(exc)(f"data.val_shards: {exc}") from None
+
     def should_run(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
@@ -58,14 +65,10 @@ class OnlineKnn:
 
 def online_validator(cfg: Any) -> OnlineKnn | None:
     """The validator `cfg` asks for (`lsdr_repr.config.Config`), or None: no `train.eval_every`
-    or no `data.val_shards`. The set is opened here: an unreadable one fails before training,
-    not `train.eval_every` steps into it with those steps lost."""
+    or no `data.val_shards`. The trainer opens the set at start-up (`check_data`): an
+    unreadable one fails before training, not `train.eval_every` steps into it."""
     if not (cfg.train.eval_every and cfg.data.val_shards):
         return None
-    try:
-        check_readable_data(cfg.data.val_shards)
-    except LsdrError as exc:
-        raise type(exc)(f"data.val_shards: {exc}") from None
     return OnlineKnn(cfg.data.val_shards, cfg.train.eval_every, cfg.augment.crop_size,
                      cfg.augment.mean, cfg.augment.std,
                      num_workers=min(2, cfg.data.num_workers))
