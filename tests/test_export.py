@@ -116,7 +116,7 @@ def trainer_run(tmp_path_factory) -> Path:
                  "model.projector=[64, 64]", "model.stages=[4]", "objective.layer_weights=[0.5]",
                  "objective.layer_invariance_weights=[16.0]",
                  "objective.layer_variance_weights=[25.0]",
-                 "train.total_steps=3", "train.checkpoint_every=3",
+                 "train.total_steps=3", "train.checkpoint_every=3", "train.eval_every=0",
                  "train.device=cpu", "train.image_grid_every=0", "train.spectrum_every=0",
                  "log.progress=false", "log.wandb.mode=disabled"])
     assert code == 0
