@@ -58,6 +58,7 @@ import math
 import os
 import random
 import signal
+import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -188,6 +189,44 @@ def worker_shards(
 
 
 # ---------------------------------------------------------------------------------- the stream
+class _Stall:
+    """The clock of a stream that stopped giving samples: how long it has been dry, how many
+    empty epochs, when to log, how long to back off (0.5 s doubling to 10 s)."""
+
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._last_sample = time.monotonic()
+        self._epochs = 0
+        self._last_log = -math.inf
+
+    def sample(self) -> None:
+        self._last_sample = time.monotonic()
+        self._epochs = 0
+
+    def empty_epoch(self) -> tuple[float, int]:
+        """-> (seconds since the last usable sample, empty epochs since it)."""
+        self._epochs += 1
+        return time.monotonic() - self._last_sample, self._epochs
+
+    def timed_out(self) -> bool:
+        return self.timeout_s > 0 and time.monotonic() - self._last_sample > self.timeout_s
+
+    def should_log(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_log < self.LOG_EVERY_S:
+            return False
+        self._last_log = now
+        return True
+
+    def backoff_s(self) -> float:
+        wait = min(10.0, 0.5 * 2 ** (self._epochs - 1))
+        if self.timeout_s > 0:  # never sleep past the time limit
+            wait = min(wait, max(0.0, self.timeout_s - (time.monotonic() - self._last_sample)))
+        return wait + 0.01
+
+
 class ShardStream(IterableDataset):
     """Per-worker stream of `Batch`es of one rank; `state_dict`/`load_state_dict` for resume."""
 
@@ -208,10 +247,13 @@ class ShardStream(IterableDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         shard_samples: Sequence[int | None] | None = None,
         weights: Sequence[float] | None = None,
+        stall_timeout_s: float = 0.0,
     ) -> None:
         """`shard_samples`: how many samples each shard holds (the manifest's counts, aligned
         with `urls`; None where unknown), so a shard that breaks off counts the samples it lost
-        rather than one per read error."""
+        rather than one per read error. `stall_timeout_s` (train mode, > 0): a stream that gave
+        samples before and then none for this long (a source that stopped answering) raises
+        `DataError` instead of retrying for ever."""
         super().__init__()
         if mode not in ("train", "eval") or output not in ("decoded", "jpeg"):
             raise ValueError(f"mode={mode!r}, output={output!r}")
@@ -237,6 +279,8 @@ class ShardStream(IterableDataset):
         self._url_set = set(self.urls)
         self.shard_samples = list(shard_samples) if shard_samples else [None] * len(self.urls)
         self._shard_errors: list[str] | None = None  # read errors of the shard being read
+        self.stall_timeout_s = float(stall_timeout_s)
+        self._last_error = ""  # the newest read error, for the stall message
 
     # -- state (called by StatefulDataLoader inside the worker, between batches)
     def state_dict(self) -> dict[str, Any]:
@@ -286,6 +330,7 @@ class ShardStream(IterableDataset):
         # empty epochs (a resampled draw of only corrupt shards) are just logged.
         ever_good = False
         empty: dict[str, Any] = {"epochs": 0, "raw": 0, "skips": 0, "shards": set()}
+        stall = _Stall(self.stall_timeout_s)
         while True:
             chunks, sample_filter = self._epoch_chunks(epoch, worker, num_workers)
             good = raw_total = 0
@@ -308,6 +353,7 @@ class ShardStream(IterableDataset):
                     if item is None:
                         continue
                     good += 1
+                    stall.sample()
                     images.append(item[0])
                     labels.append(item[1])
                     if len(images) == self.batch_size:
@@ -334,8 +380,7 @@ class ShardStream(IterableDataset):
             ever_good = ever_good or good > 0
             if good or ever_good:
                 if not good:
-                    log.warning("%s: rank %d worker %d: epoch %d gave no usable sample",
-                                self.name, self.rank, worker, epoch)
+                    self._wait_after_empty_epoch(stall, worker, num_workers, epoch)
             else:
                 empty["epochs"] += 1
                 empty["raw"] += raw_total
@@ -344,6 +389,24 @@ class ShardStream(IterableDataset):
                 if empty["epochs"] >= EMPTY_EPOCHS_BEFORE_ERROR:
                     raise DataError(self._empty_message(empty, worker, num_workers))
             epoch += 1
+
+    def _wait_after_empty_epoch(self, stall: _Stall, worker: int, num_workers: int,
+                                epoch: int) -> None:
+        """An epoch without a usable sample after good ones (a source gone, or a resampled draw
+        of only corrupt shards): back off before the next, log at most every 30 s, and give up
+        with `DataError` once the stream has been dry for `stall_timeout_s`."""
+        dry_s, epochs = stall.empty_epoch()
+        where = f"rank {self.rank} worker {worker}/{num_workers}"
+        last = f"; last error: {self._last_error}" if self._last_error else ""
+        if stall.timed_out():
+            raise DataError(
+                f"{self.name}: no usable sample for {dry_s:.0f} s on {where} ({epochs} epochs "
+                f"read nothing{last}): the source stopped answering? (data.stall_timeout_s="
+                f"{self.stall_timeout_s:g}; the checkpoints written so far are intact)")
+        if stall.should_log():
+            log.warning("%s: %s: %d epoch(s) up to %d gave no usable sample in %.0f s%s; "
+                        "retrying", self.name, where, epochs, epoch, dry_s, last)
+        time.sleep(stall.backoff_s())
 
     def _epoch_chunks(self, epoch: int, worker: int, num_workers: int
                       ) -> tuple[list[list[int]], tuple[int, int] | None]:
@@ -408,6 +471,7 @@ class ShardStream(IterableDataset):
         args = getattr(exn, "args", ())
         # webdataset may add " @ <stream>" to the message of an error it re-raises
         text = f"{type(exn).__name__}: {str(args[0]).split(' @ ')[0] if args else ''}"
+        self._last_error = text
         if self._shard_errors is not None:
             if text not in self._shard_errors:
                 self._shard_errors.append(text)
@@ -668,9 +732,17 @@ def resolve_train_data(data_cfg: Any) -> TrainData:
         # Without resampling every shard is read once per epoch: there is nothing to weight.
         raise ConfigError("data.sources weights need data.resampled: true (without resampling "
                           "the sources are read in full, once per epoch)")
-    sources = tuple(resolve_source(spec) for spec, _ in specs)
-    for source in sources:
-        check_readable(source.urls[0], source.spec)
+    keys = ([f"data.sources[{i}].shards" for i in range(len(specs))] if mixture
+            else ["data.train_shards"])
+    sources = []
+    for key, (spec, _) in zip(keys, specs):
+        try:  # the key the user set, before the source's own words
+            source = resolve_source(spec)
+            check_readable(source.urls[0], source.spec)
+        except DataError as exc:
+            raise DataError(f"{key}: {exc}") from None
+        sources.append(source)
+    sources = tuple(sources)
     total = sum(w for _, w in specs)
     name = specs[0][0] if len(specs) == 1 else " + ".join(f"{s} (x{w:g})" for s, w in specs)
     return TrainData(sources, tuple(w / total for _, w in specs), name)
@@ -702,7 +774,8 @@ def make_train_loader(data_cfg: Any, *, seed: int, rank: int = 0, world_size: in
         data.urls, image_size=data_cfg.image_size, batch_size=per_rank, mode="train", seed=seed,
         rank=rank, world_size=world_size, resampled=data_cfg.resampled,
         shuffle_buffer=data_cfg.shuffle_buffer, output=output, name=data.name,
-        shard_samples=shard_sample_counts(data.urls, data.manifest), weights=data.shard_weights)
+        shard_samples=shard_sample_counts(data.urls, data.manifest), weights=data.shard_weights,
+        stall_timeout_s=getattr(data_cfg, "stall_timeout_s", 0.0))
     loader = _loader(dataset, num_workers=data_cfg.num_workers,
                      prefetch_factor=data_cfg.prefetch_factor, pin_memory=data_cfg.pin_memory,
                      empty_is_error=True)

@@ -66,6 +66,9 @@ class DataConfig:
     decode: Literal["cpu", "gpu"] = "cpu"
     pin_memory: bool = True
     resampled: bool = True  # infinite stream of shards sampled with replacement
+    # a stream that gave samples and then none for this long (a source that stopped answering:
+    # an http server down, a revoked credential) stops the run with an error; 0: retry for ever
+    stall_timeout_s: float = 600.0
 
 
 # ------------------------------------------------------------------------------------ augment

@@ -11,8 +11,10 @@ import http.server
 import io
 import json
 import logging
+import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,22 +83,37 @@ def foreign(tmp_path_factory) -> tuple[Path, dict[bytes, str]]:
     return root, keys
 
 
+class LoopbackServer:
+    """An in-process HTTP server on the loopback interface serving `directory`; `stop()` takes it
+    down (a source that stops answering)."""
+
+    def __init__(self, directory: Path) -> None:
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            # stop() must not wait for a handler still sending to a reader that paused
+            daemon_threads, block_on_close = True, False
+
+        handler = functools.partial(Quiet, directory=str(directory))
+        self.server = Server(("127.0.0.1", 0), handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def http_base(foreign) -> Iterator[str]:
-    """An in-process HTTP server on the loopback interface serving the foreign shards."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(foreign[0]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    """The foreign shards over loopback HTTP."""
+    server = LoopbackServer(foreign[0])
+    yield server.base
+    server.stop()
 
 
 @pytest.fixture
@@ -161,6 +178,28 @@ def test_every_source_kind_resumes_exactly(kind, num_workers, foreign, http_base
     root, keys = foreign
     config = cfg(spec_of(kind, root, http_base, memory_shards), num_workers=num_workers)
     assert_exact_resume(config, keys, before=5, after=8)
+
+
+def test_a_source_that_goes_away_ends_the_stream_with_one_clear_error(foreign, tmp_path):
+    """The shards vanish after the first batches (`pipe:cat` of files moved away: every shard
+    then fails at once, as an http server that went down does): the loader's worker backs off,
+    logs at most every 30 s, and after `stall_timeout_s` without a usable sample the main
+    process gets one `DataError` naming the source, instead of a stream that retries for
+    ever. (Over http, curl's own retries come first: webdataset runs it with --retry 30.)"""
+    shutil.copytree(foreign[0] / "a", tmp_path / "a")
+    spec = f"pipe:cat {tmp_path}/a/f-{{00000..00003}}.tar"
+    loader = iter(make_train_loader(cfg(spec, num_workers=1, stall_timeout_s=3.0), seed=0))
+    for _ in range(3):
+        assert len(next(loader).labels) == 4
+    (tmp_path / "a").rename(tmp_path / "gone")
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        for _ in range(10_000):
+            next(loader)
+    message = str(info.value)
+    assert "\n" not in message and spec in message and "data.stall_timeout_s=3" in message
+    assert "no usable sample for" in message and "last error" in message, message
+    assert 3 <= time.monotonic() - start < 60
 
 
 def test_a_weighted_mixture_resumes_exactly(foreign, http_base):
@@ -251,6 +290,7 @@ def test_unreadable_sources_fail_at_start_up_in_one_line(kind, tmp_path, capfd):
     errors = [line for line in capfd.readouterr().err.splitlines() if "lsdr: error:" in line]
     assert len(errors) == 1, errors
     assert spec in errors[0] and says in errors[0], errors[0]
+    assert errors[0].startswith("lsdr: error: data.train_shards: "), errors[0]
     assert not (run_dir / "checkpoints").exists()  # at start-up: nothing was trained
 
 
