@@ -144,13 +144,35 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> 
     return fs.open(path, mode)
 
 
+# http(s) reads: webdataset's curl command with a limit on a stalled transfer. Without one, a
+# server that accepts the connection and never sends (a hung proxy or CDN node) blocks the
+# reader for ever. curl retries a stalled transfer as a transient error, so the retries are
+# fewer than webdataset's 30; longer outages are the reader's (`data.stall_timeout_s`).
+HTTP_STALL_S = 60  # slower than 1 byte/s for this long: broken off (curl exit 28)
+HTTP_RETRIES = 5
+
+
+def gopen_http(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """webdataset's `gopen_curl`, reading with `HTTP_STALL_S` and `HTTP_RETRIES`."""
+    from webdataset.gopen import Pipe, gopen_curl
+
+    if mode[0] != "r":
+        return gopen_curl(url, mode, bufsize)
+    cmd = ["curl", "--connect-timeout", "30", "--retry", str(HTTP_RETRIES), "--retry-delay", "2",
+           "--speed-limit", "1", "--speed-time", str(HTTP_STALL_S), "-f", "-s", "-L", url]
+    return Pipe(cmd, mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
 def register_openers(urls: Sequence[str]) -> None:
-    """Give webdataset's `gopen` a handler for every fsspec scheme among `urls` (idempotent;
-    called in each loader worker too, which may not share the parent's table)."""
+    """Give webdataset's `gopen` a handler for every fsspec scheme among `urls`, and for http(s)
+    `gopen_http` (idempotent; called in each loader worker too, which may not share the
+    parent's table)."""
     from webdataset.gopen import gopen_schemes
 
     for proto in {scheme(u) for u in urls if uses_fsspec(u)}:
         gopen_schemes[proto] = gopen_fsspec
+    if any(scheme(u) in ("http", "https") for u in urls):
+        gopen_schemes["http"] = gopen_schemes["https"] = gopen_http
 
 
 # ------------------------------------------------------------------------------- resolving

@@ -185,7 +185,7 @@ def test_a_source_that_goes_away_ends_the_stream_with_one_clear_error(foreign, t
     then fails at once, as an http server that went down does): the loader's worker backs off,
     logs at most every 30 s, and after `stall_timeout_s` without a usable sample the main
     process gets one `DataError` naming the source, instead of a stream that retries for
-    ever. (Over http, curl's own retries come first: webdataset runs it with --retry 30.)"""
+    ever. (Over http, curl's own retries come first: `HTTP_RETRIES`.)"""
     shutil.copytree(foreign[0] / "a", tmp_path / "a")
     spec = f"pipe:cat {tmp_path}/a/f-{{00000..00003}}.tar"
     loader = iter(make_train_loader(cfg(spec, num_workers=1, stall_timeout_s=3.0), seed=0))
@@ -200,6 +200,24 @@ def test_a_source_that_goes_away_ends_the_stream_with_one_clear_error(foreign, t
     assert "\n" not in message and spec in message and "data.stall_timeout_s=3" in message
     assert "no usable sample for" in message and "last error" in message, message
     assert 3 <= time.monotonic() - start < 60
+
+
+def test_an_http_server_that_never_answers_is_one_line_not_a_hang(monkeypatch):
+    """A server that accepts the connection (the kernel's listen backlog does) and never sends
+    a byte: curl gives up after `HTTP_STALL_S` of no transfer (here 2 s, no retries) instead of
+    waiting for ever, and start-up says which URL and why."""
+    import data_pipelines.sources as sources
+
+    monkeypatch.setattr(sources, "HTTP_STALL_S", 2)
+    monkeypatch.setattr(sources, "HTTP_RETRIES", 0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # never accept(): connections complete, nothing is ever sent
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/x-00000.tar"
+        start = time.monotonic()
+        with pytest.raises(DataError, match="curl exit 28: timed out") as info:
+            sources.check_readable(url, url)
+    assert url in str(info.value) and time.monotonic() - start < 20
 
 
 def test_a_weighted_mixture_resumes_exactly(foreign, http_base):
