@@ -206,7 +206,7 @@ def test_an_http_server_that_never_answers_is_one_line_not_a_hang(monkeypatch):
     """A server that accepts the connection (the kernel's listen backlog does) and never sends
     a byte: curl gives up after `HTTP_STALL_S` of no transfer (here 2 s, no retries) instead of
     waiting for ever, and start-up says which URL and why."""
-    import data_pipelines.sources as sources
+    from data_pipelines import sources
 
     monkeypatch.setattr(sources, "HTTP_STALL_S", 2)
     monkeypatch.setattr(sources, "HTTP_RETRIES", 0)
