@@ -78,7 +78,11 @@ from data_pipelines.images import (
     pixel_limit,
 )
 from data_pipelines.manifest import Manifest, is_remote, read_manifest, resolve_shards
-from data_pipelines.sources import Source, check_readable, register_openers, resolve_source
+from data_pipelines.sources import (
+    Source,
+    readable_source,
+    register_openers,
+)
 from lsdr_repr.errors import ConfigError, DataError
 
 __all__ = [
@@ -734,15 +738,7 @@ def resolve_train_data(data_cfg: Any) -> TrainData:
                           "the sources are read in full, once per epoch)")
     keys = ([f"data.sources[{i}].shards" for i in range(len(specs))] if mixture
             else ["data.train_shards"])
-    sources = []
-    for key, (spec, _) in zip(keys, specs):
-        try:  # the key the user set, before the source's own words
-            source = resolve_source(spec)
-            check_readable(source.urls[0], source.spec)
-        except DataError as exc:
-            raise DataError(f"{key}: {exc}") from None
-        sources.append(source)
-    sources = tuple(sources)
+    sources = tuple(readable_source(spec, key) for key, (spec, _) in zip(keys, specs))
     total = sum(w for _, w in specs)
     name = specs[0][0] if len(specs) == 1 else " + ".join(f"{s} (x{w:g})" for s, w in specs)
     return TrainData(sources, tuple(w / total for _, w in specs), name)
@@ -794,8 +790,7 @@ def make_eval_loader(shards: str | os.PathLike, image_size: int, batch_size: int
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
-    source = resolve_source(shards)
-    check_readable(source.urls[0], source.spec)
+    source = readable_source(str(shards))
     urls, manifest = list(source.urls), source.manifest
     dataset = ShardStream(urls, image_size=image_size, batch_size=batch_size, mode="eval",
                           rank=rank, world_size=world_size, resampled=False, shuffle_buffer=0,

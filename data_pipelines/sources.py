@@ -40,7 +40,7 @@ from data_pipelines.manifest import (
     load_manifest_file,
     parse_manifest,
 )
-from lsdr_repr.errors import DataError
+from lsdr_repr.errors import DataError, LsdrError
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +428,17 @@ def check_readable(url: str, source: str) -> None:
     # filesystems their own types: any of them means this source cannot be read.
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{what}: cannot be read ({_reason(exc, url)})") from None
+
+
+def readable_source(spec: str, key: str = "") -> Source:
+    """`resolve_source(spec)` with its first shard opened (`check_readable`): a source that
+    cannot be read fails here in one line, led by the config `key` that named it."""
+    try:
+        source = resolve_source(spec)
+        check_readable(source.urls[0], source.spec)
+    except LsdrError as exc:
+        raise type(exc)(f"{key}: {exc}" if key else str(exc)) from None
+    return source
 
 
 def _reason(exc: BaseException, url: str = "") -> str:

@@ -227,9 +227,10 @@ def submit(
     )
     config_path = run_dir / CONFIG_FILE
     script_path = run_dir / SCRIPT_FILE
+    sbatch_args = ["--parsable", str(script_path), str(config_path)]
     if dry_run:  # what would be written and run, written nowhere
         result.script_path, result.config_path = script_path, config_path
-        result.sbatch_command = ["sbatch", "--parsable", str(script_path), str(config_path)]
+        result.sbatch_command = ["sbatch", *sbatch_args]
         return result
 
     sbatch = shutil.which("sbatch")
@@ -245,7 +246,7 @@ def submit(
     dump_config(cfg, config_path)
     script_path.write_text(script)
     script_path.chmod(0o755)
-    cmd = [sbatch, "--parsable", str(script_path), str(config_path)]
+    cmd = [sbatch, *sbatch_args]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SubmitError(f"sbatch rejected the job: {_one_line(proc.stderr or proc.stdout)}")
@@ -528,7 +529,7 @@ def _check_slurm(cfg: Config) -> None:
     if s.mem is not None and not _MEM.match(s.mem):
         raise SubmitError(f"slurm.mem: {s.mem!r} is not a SLURM memory size (e.g. 480G)")
     limit = parse_slurm_time(s.time)
-    if limit is None and s.time.strip().upper() not in ("INFINITE", "UNLIMITED"):
+    if limit is None and s.time.strip().upper() not in UNLIMITED_TIMES:
         # Checked here, not left to sbatch: a --dry-run would print it as if it were valid.
         raise SubmitError(f"slurm.time: {s.time!r} is not a SLURM time limit (minutes, M:S, "
                           "H:M:S, D-H, D-H:M or D-H:M:S, e.g. 48:00:00 or 2-00:00:00)")
@@ -541,11 +542,14 @@ def _check_slurm(cfg: Config) -> None:
     _no_newline(cfg.train.run_dir, "train.run_dir")
 
 
+UNLIMITED_TIMES = ("INFINITE", "UNLIMITED")  # --time values without a limit
+
+
 def parse_slurm_time(text: str) -> int | None:
     """SLURM's --time forms in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; None if not one
     or unlimited."""
     text = text.strip()
-    if text.upper() in ("INFINITE", "UNLIMITED"):
+    if text.upper() in UNLIMITED_TIMES:
         return None
     days = 0
     if "-" in text:

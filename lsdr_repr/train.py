@@ -11,9 +11,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -316,13 +316,10 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            saved = state.get("config", {})
-            schedule = {f"{section}.{key}=" for section, key in SCHEDULE_KEYS}  # resumable
-            changed = [change for section in ("model", "optim")
-                       for change in config_differences(saved.get(section, {}),
-                                                        self.config_dict.get(section, {}),
-                                                        f"{section}.")
-                       if not any(change.startswith(key) for key in schedule)]
+            resumable = {f"{section}.{key}" for section, key in SCHEDULE_KEYS}
+            changed = [_describe_change(change) for change in config_differences(
+                           state.get("config", {}), self.config_dict, sections=("model", "optim"))
+                       if change[0] not in resumable]
             # torch's first line is only "Error(s) in loading state_dict for ...": the next
             # names the tensors
             detail = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -339,7 +336,8 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         self.skipped_samples = int(state.get("skipped_samples", 0))
         saved_config = state.get("config", {})
-        _warn_config_changes(saved_config, config_to_dict(self.cfg))
+        for change in config_differences(saved_config, self.config_dict):
+            log.warning("resuming with %s", _describe_change(change))
         changed = schedule_changes(saved_config, self.config_dict)
         if changed:
             self._rebuild_schedule(changed)
@@ -696,19 +694,23 @@ def schedule_changes(saved: dict, current: dict) -> list[str]:
     return changed
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'key=new (checkpoint had old)' for every leaf that differs between two config dicts."""
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       sections: Sequence[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, current value, saved value) of every leaf that differs between two config
+    dicts (of the top-level `sections` only, if given), in key order."""
     out = []
     for key in sorted(set(saved) | set(current)):
+        if sections is not None and key not in sections:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}={b!r} (checkpoint had {a!r})")
+            out.append((f"{prefix}{key}", b, a))
     return out
 
 
-def _warn_config_changes(saved: dict, current: dict) -> None:
-    for change in config_differences(saved, current):
-        log.warning("resuming with %s", change)
+def _describe_change(change: tuple[str, Any, Any]) -> str:
+    key, current, saved = change
+    return f"{key}={current!r} (checkpoint had {saved!r})"
 

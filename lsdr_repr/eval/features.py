@@ -211,17 +211,16 @@ def extract_features(
     return Features(torch.cat(xs), torch.cat(ys), skipped)
 
 
-def check_readable_data(data: str | Path) -> None:
+def check_readable_data(data: str | Path, key: str = "") -> None:
     """Open what an evaluation of `data` reads first (an ImageFolder, or the first shard of
-    each `::`-joined shard spec), so a set that cannot be read fails in one line (`LsdrError`)
-    when a run starts, not at its first evaluation."""
+    each `::`-joined shard spec), so a set that cannot be read fails in one line (`LsdrError`,
+    led by the config `key`) when a run starts, not at its first evaluation."""
     if is_image_folder(data):
         return
-    from data_pipelines.sources import check_readable, resolve_source
+    from data_pipelines.sources import readable_source
 
     for part in str(data).split("::"):
-        source = resolve_source(part)
-        check_readable(source.urls[0], source.spec)
+        readable_source(part, key)
 
 
 def count_images(data: str | Path) -> int | None:

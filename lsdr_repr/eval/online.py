@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from lsdr_repr import distributed as dist
-from lsdr_repr.errors import LsdrError
 from lsdr_repr.eval import probes
 from lsdr_repr.eval.features import (
     Features,
@@ -45,10 +44,7 @@ class OnlineKnn:
 
     def check_data(self) -> None:
         """Open the set (its first shard, or the folder), `LsdrError` naming data.val_shards."""
-        try:
-            check_readable_data(self.data)
-        except LsdrError as exc:
-            raise type(exc)(f"data.val_shards: {exc}") from None
+        check_readable_data(self.data, key="data.val_shards")
 
     def should_run(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
