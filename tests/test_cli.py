@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,28 @@ def test_an_unknown_option_shows_the_commands_own_usage(capsys, argv, usage, unk
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(usage), err
     assert f"unrecognized arguments: {unknown}" in err
+
+
+LOG_BOTH = ("import logging, sys; from lsdr_repr.cli import configure_logging; "
+            "configure_logging('-v' in sys.argv); log = logging.getLogger('lsdr_repr.x'); "
+            "log.info('progress'); log.warning('trouble')")
+
+
+@pytest.mark.parametrize("rank, verbose, shown", [
+    (None, False, ["INFO lsdr_repr.x: progress", "WARNING lsdr_repr.x: trouble"]),
+    ("0", False, ["[rank 0] INFO lsdr_repr.x: progress", "[rank 0] WARNING lsdr_repr.x: trouble"]),
+    ("3", False, ["[rank 3] WARNING lsdr_repr.x: trouble"]),
+    ("3", True, ["[rank 3] INFO lsdr_repr.x: progress", "[rank 3] WARNING lsdr_repr.x: trouble"]),
+])
+def test_under_torchrun_only_rank_0_logs_progress(rank, verbose, shown):
+    """A 64-GPU job prints one progress stream: the other ranks log warnings and errors (all of
+    it with -v), and every line under torchrun names its rank."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_JOB_ID")}
+    if rank is not None:
+        env.update(RANK=rank, WORLD_SIZE="4", LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT="29500")
+    proc = subprocess.run([sys.executable, "-c", LOG_BOTH, *(["-v"] if verbose else [])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    lines = [line.split(" ", 1)[1] for line in proc.stderr.splitlines()]  # drop the clock
+    assert lines == shown

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from lsdr_repr.cli import demo, export, shards, slurm, train
 from lsdr_repr.cli import eval as evaluation
 from lsdr_repr.cli._common import formatter
 from lsdr_repr.errors import LsdrError
+from lsdr_repr.launch_env import DistEnv, read_dist_env
 from lsdr_repr.preemption import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
 # In `lsdr --help` order; each module's `register(sub)` adds its commands.
@@ -50,6 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             preempt.close()
 
 
+def configure_logging(verbose: bool, environ: Mapping[str, str] | None = None) -> None:
+    """INFO (DEBUG with -v) on stderr. Under torchrun or srun each line names its rank, and the
+    ranks other than 0 log only warnings and errors unless -v: a 64-GPU job prints one progress
+    stream, not 64 interleaved copies of it (as Lightning's rank-zero logging does)."""
+    try:
+        job = read_dist_env(environ, quiet=True)
+    except LsdrError:  # a malformed launch is the command's own one-line error, a moment later
+        job = DistEnv()
+    level = logging.DEBUG if verbose else logging.INFO
+    where = ""
+    if job.is_distributed:
+        where = f"[rank {job.rank}] "
+        if job.rank != 0 and not verbose:
+            level = logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
 def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
     """argv -> the parsed command; key=value overrides may also follow the options.
 
@@ -72,11 +94,7 @@ def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
 def _main(argv: list[str], preempt) -> int:
     args = parse_command_line(argv)
     args.preempt = preempt
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except LsdrError as exc:
