@@ -6,13 +6,21 @@ The handler only sets a flag: the step in flight finishes, every rank agrees on 
 `EXIT_PREEMPTED` so the SLURM script knows to requeue, or with `EXIT_INTERRUPTED` when the only
 signal was Ctrl-C (SIGINT: a person stopped it; no requeue). Ctrl-C during start-up, or a
 second one, stops at once (KeyboardInterrupt), as Python's own handler would.
+
+One wait is cut short instead: the trainer blocked on its data (`PreemptionFlag.waiting()`,
+around fetching the next batch). A stalled source can keep that wait going for
+`data.stall_timeout_s` (10 minutes by default), longer than SLURM's grace before its SIGKILL, so
+the signal there raises `StopWhileWaiting`: the batch is left unread and the checkpoint is written
+now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import types
+from collections.abc import Iterator
 
 from lsdr_repr.errors import ConfigError, LsdrError
 
@@ -34,6 +42,13 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_FAILED
+
+
+class StopWhileWaiting(BaseException):
+    """A stop signal came while the trainer waited for data (`PreemptionFlag.waiting()`).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` in the loader's code
+    on the way up takes it for a bad sample."""
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -71,6 +86,7 @@ class PreemptionFlag:
         self.received: signal.Signals | None = None
         self.requeue = False  # a signal other than Ctrl-C came: the SLURM script should requeue
         self._holding = False
+        self._waiting = False
         self._previous: dict[signal.Signals, object] = {}
         sigs = {signal.SIGTERM, parse_signal(preempt_signal)}
         if interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -90,6 +106,21 @@ class PreemptionFlag:
             again = " (Ctrl-C again to stop without it)" if sig == signal.SIGINT else ""
             log.warning("received %s: finishing this step, then checkpoint and exit%s",
                         sig.name, again)
+        if self._waiting:
+            self._waiting = False
+            raise StopWhileWaiting
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a wait for data: a stop signal inside raises `StopWhileWaiting` there (the flag
+        is set as usual), and so does entering once one has come, so no new wait starts."""
+        if self.received is not None:
+            raise StopWhileWaiting
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def hold_interrupts(self) -> None:
         """From now on the first Ctrl-C is a stop with a checkpoint (the training loop)."""

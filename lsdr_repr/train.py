@@ -43,11 +43,13 @@ from lsdr_repr.preemption import (
     EXIT_OK,
     EXIT_PREEMPTED,
     PreemptionFlag,
+    StopWhileWaiting,
     exit_code_for,
 )
 from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.staging.feed import Staging
+from lsdr_repr.staging.prefetch import Staged
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -271,6 +273,8 @@ class Trainer:
         # Called after every step with the trainer (benchmarks time steps through it);
         # `last_data_wait_s` is the host time that step's batch was waited for.
         self.step_hook: Callable[[Trainer], None] | None = None
+        # Around the fetch of the next batch: `run` makes a stop signal cut a stalled wait short
+        self._data_wait: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.last_data_wait_s = 0.0
 
         self.step = 0
@@ -441,9 +445,19 @@ class Trainer:
             total = out.total.detach()
             self._last_projection = outputs[0].projection.detach()
         if prefetch:
-            self.staging.prefetch()
+            self._prefetch_next()
         applied = self.stepper.step(total)
         return total, out, views, applied
+
+    def _prefetch_next(self) -> None:
+        """Fetch and stage the next batch while this step's kernels run. A stop signal while the
+        loader stalls leaves that batch unread: this step completes, and the run loop's
+        agreement (every rank has finished the step's collectives by now) checkpoints it."""
+        try:
+            with self._data_wait():
+                self.staging.prefetch()
+        except StopWhileWaiting:
+            log.warning("stop signal while waiting for the next batch: it is left unread")
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype,
@@ -488,7 +502,9 @@ class Trainer:
         window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
         exit_code = EXIT_OK
         paused = False
+        started_at = self.step
         self.model.train()
+        self._data_wait = preempt.waiting
         try:
             if self.step >= cfg.total_steps:
                 log.info("run already complete at step %d", self.step)
@@ -505,7 +521,15 @@ class Trainer:
                 end = self.step
             preempt.hold_interrupts()  # from here a first Ctrl-C stops with a checkpoint
             while self.step < end:
-                staged = next(self.staging)
+                staged = self._next_batch(preempt)
+                if staged is None:  # a stop signal while waiting for this step's batch
+                    exit_code = self._stop_status(preempt)
+                    if self.step > started_at:
+                        last_ckpt = self._save_before_stopping() or last_ckpt
+                    log.warning("%s at step %d while waiting for data: checkpoint %s, exiting "
+                                "with %d", _stopped(exit_code), self.step,
+                                last_ckpt or self.checkpointer.good or "(none yet)", exit_code)
+                    break
                 chunks, skipped = staged.value
                 # host time blocked on the loader (for a batch fetched ahead, inside the
                 # previous step, where the GPU may still have been busy)
@@ -568,6 +592,7 @@ class Trainer:
             exit_code = exit_code_for(exc)  # what summary.json records; the CLI prints it
             raise
         finally:
+            self._data_wait = contextlib.nullcontext
             if own_flag:
                 preempt.close()
             if not paused:  # stopped by max_steps: run() may be called again to go on
@@ -588,6 +613,20 @@ class Trainer:
             log.info("done: step %d; checkpoint %s; W&B run %s", self.step, last_ckpt,
                      self.tracker.run_path)
         return TrainResult(exit_code, self.step, self.run_dir, last_ckpt, self.tracker.run_path)
+
+    def _next_batch(self, preempt: PreemptionFlag) -> Staged | None:
+        """The batch of the next step, or None when a stop signal cut the wait for it short.
+        A batch staged ahead is taken as it is (no wait: the step runs, and a signal is seen
+        after it, as before). One process only: under DDP the other ranks may already be in
+        this step's collectives, so a rank waits here for its batch (or
+        `data.stall_timeout_s`)."""
+        if self.world_size > 1 or self.staging.has_pending:
+            return next(self.staging)
+        try:
+            with preempt.waiting():
+                return next(self.staging)
+        except StopWhileWaiting:
+            return None
 
     def _resolve_flags(self, keep: int) -> None:
         """Read the finite flags of all but the newest `keep` pending steps (a sync only for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsdr_repr.preemption import StopWhileWaiting
 from lsdr_repr.staging.prefetch import Prefetcher
 
 
@@ -54,6 +55,32 @@ def test_resume_snapshot_is_taken_before_the_staged_batch():
     item = next(feed)
     assert (item.value, item.snapshot) == (1, 1)
     assert feed.resume_snapshot() == 2
+
+
+class StallingSource(Source):
+    """A `Source` whose second fetch moves the position, then is cut short by a stop signal
+    (what `PreemptionFlag.waiting()` raises in a loader blocked on a stalled source)."""
+
+    def __next__(self) -> int:
+        batch = super().__next__()
+        if batch == 1:
+            raise StopWhileWaiting
+        return batch
+
+
+def test_a_fetch_cut_short_leaves_its_snapshot_to_resume_from():
+    """The loader's state may already have moved when its wait is cut short: the checkpoint
+    takes the snapshot from before that fetch (nothing of the batch was consumed), and a later
+    fetch that succeeds clears it."""
+    src = StallingSource(10)
+    feed = Prefetcher(src, lambda b: b, torch.device("cpu"), snapshot=lambda: src.position)
+    assert next(feed).value == 0
+    with pytest.raises(StopWhileWaiting):
+        feed.prefetch()
+    assert src.position == 2 and not feed.has_pending
+    assert feed.resume_snapshot() == 1  # from before the interrupted fetch, not the live 2
+    assert next(feed).value == 2
+    assert feed.resume_snapshot() == 3
 
 
 def test_without_ahead_prefetch_does_nothing():

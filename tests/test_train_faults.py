@@ -33,6 +33,7 @@ from lsdr_repr.preemption import (
     EXIT_OK,
     EXIT_PREEMPTED,
     PreemptionFlag,
+    StopWhileWaiting,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +238,39 @@ def test_sigterm_during_the_final_step_ends_a_complete_run_with_0(sample_shards,
     assert checkpoint_steps(run_dir)[-1] == cfg.train.total_steps
 
 
+def test_a_stop_signal_while_the_source_stalls_checkpoints_at_once(sample_shards, tmp_path):
+    """The shards vanish mid-run (a `pipe:cat` source whose files move away, as a server that
+    went down) and `data.stall_timeout_s=0` retries for ever: SIGTERM then ends the wait for the
+    next batch, the step in flight completes, its checkpoint is written and the run exits 3,
+    instead of waiting out a stall that may outlast SLURM's grace before SIGKILL. With the
+    shards back the rerun goes on from that step: none lost, none twice."""
+    shards = tmp_path / "shards"
+    shutil.copytree(sample_shards["train"], shards)
+    run_dir = tmp_path / "run"
+    spec = f"pipe:cat {shards}/train-{{000000..000008}}.tar"
+    args = [*small(sample_shards, run_dir, "train.total_steps=400",
+                   "train.checkpoint_every=200", "data.stall_timeout_s=0"),
+            f"data.train_shards={spec}"]
+    proc = Cli(args)
+    try:
+        proc.wait_for(lambda: len(logged_steps(run_dir)) >= 3, timeout=120)
+        shards.rename(tmp_path / "gone")
+        proc.wait_for_line("retrying", timeout=60)  # the worker's stall warning
+        time.sleep(1)
+        signalled = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.finish(timeout=60) == EXIT_PREEMPTED, proc.output
+        assert time.monotonic() - signalled < 30
+    finally:
+        proc.kill()
+    [stopped] = checkpoint_steps(run_dir)
+    assert logged_steps(run_dir) == list(range(1, stopped + 1)), proc.output
+    assert "left unread" in proc.output and "preempted at step" in proc.output, proc.output
+    (tmp_path / "gone").rename(shards)
+    assert main([*args, f"train.total_steps={stopped + 2}"]) == EXIT_OK
+    assert logged_steps(run_dir) == list(range(1, stopped + 3))
+
+
 # ------------------------------------------------------------------------- Ctrl-C
 def logged_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
@@ -269,6 +303,26 @@ def test_ctrl_c_checkpoints_the_step_it_stops_at_and_the_rerun_goes_on_from_ther
 def send_sigint_to_self() -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(1)  # a Python handler runs in the main thread at the next bytecode
+
+
+def test_a_stop_signal_cuts_only_a_wait_for_data_short():
+    flag = PreemptionFlag("SIGUSR2")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # outside a wait: the flag is set, nothing raised
+        assert flag.is_set and flag.requeue
+        with pytest.raises(StopWhileWaiting), flag.waiting():
+            pytest.fail("no new wait starts once a stop has come")
+    finally:
+        flag.close()
+    flag = PreemptionFlag("SIGUSR2")
+    try:
+        with pytest.raises(StopWhileWaiting), flag.waiting():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(5)  # the stalled read: cut short at once
+        assert flag.received == signal.SIGUSR2
+    finally:
+        flag.close()
 
 
 def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():

@@ -59,6 +59,11 @@ class Staging:
         self._feed.ahead = self.ahead
         return next(self._feed)
 
+    @property
+    def has_pending(self) -> bool:
+        """A batch is staged already: the next `next()` waits for nothing."""
+        return self._feed is not None and self._feed.has_pending
+
     def prefetch(self) -> None:
         """Fetch and stage the next batch now (call it once the step's kernels are queued)."""
         if self._feed is not None:

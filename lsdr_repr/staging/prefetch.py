@@ -17,7 +17,8 @@ tail of step k's backward (and, for nvJPEG, on the hardware JPEG engines).
 Exact resume: fetching a batch early moves the loader's position and the augmentation generator
 one batch ahead of the step counter. `snapshot()` is taken before each fetch; a checkpoint written
 after step k uses the snapshot taken before batch k+1 (`resume_snapshot`), so a resumed run reads
-and augments exactly the batches an uninterrupted one would.
+and augments exactly the batches an uninterrupted one would. A fetch that raises (a stop signal
+while the loader stalls) leaves its snapshot as the one to checkpoint.
 
 Stream safety (CUDA): the consumer's stream waits for the staging stream's event, and every
 tensor in the staged value is marked as used by the consumer's stream (`record_stream`), so the
@@ -73,6 +74,10 @@ class Prefetcher(Generic[T]):
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device=device) if self._cuda else None
         self._pending: tuple[T, Any, float, Any] | None = None  # value, snapshot, wait, event
+        # The snapshot from before a fetch that raised (a stop signal during a stalled read, the
+        # end of the stream): that batch was not consumed, and the loader's own state may be
+        # half-updated by the interrupted call.
+        self._unconsumed: Any = None
         self._exhausted = False
 
     def __iter__(self) -> Prefetcher[T]:
@@ -109,10 +114,21 @@ class Prefetcher(Generic[T]):
         (its fetch must not count as consumed), else a fresh one."""
         if self._pending is not None:
             return self._pending[1]
+        if self._unconsumed is not None:
+            return self._unconsumed
         return self._snapshot() if self._snapshot is not None else None
 
     def _fetch_and_stage(self) -> tuple[T, Any, float, Any]:
         snap = self._snapshot() if self._snapshot is not None else None
+        try:
+            staged = self._fetch_and_stage_from(snap)
+        except BaseException:
+            self._unconsumed = snap
+            raise
+        self._unconsumed = None
+        return staged
+
+    def _fetch_and_stage_from(self, snap: Any) -> tuple[T, Any, float, Any]:
         start = time.perf_counter()
         batch = next(self._batches)  # StopIteration ends the iteration as usual
         wait_s = time.perf_counter() - start
