@@ -108,6 +108,9 @@ def scan_source(src: str | os.PathLike, layout: Layout = "auto",
                 exclude: Path | None = None, follow_links: bool = False) -> Source:
     """List the files of an image source (see the module docstring). Raises `DataError`.
 
+    `exclude`: a resolved folder left out of the listing (the output folder, when it lies inside
+    the source: neither its files nor a class of its name).
+
     Symbolic links inside a folder source are followed while they stay inside it (unless
     `follow_links`), and each directory and file is listed once: a link back to an ancestor (a
     loop), a second link to a listed directory or file, and a link out of the source (say to
@@ -121,14 +124,19 @@ def scan_source(src: str | os.PathLike, layout: Layout = "auto",
         if root.suffix.lower() not in (".csv", ".tsv", ".txt"):
             raise DataError(f"{root}: a file source must be a .csv/.tsv list of path[,label]")
         return _scan_csv(root)
+    # The output folder inside the source (`lsdr shards write imgs imgs/shards`) is not data:
+    # as a class folder it would shift every label after it on a second run.
+    def listed(entry: os.DirEntry) -> bool:
+        return not entry.name.startswith(".") and not (
+            exclude is not None and entry.is_dir() and Path(entry.path).resolve() == exclude)
+
     if layout == "auto":
-        entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+        entries = [e for e in os.scandir(root) if listed(e)]
         has_dirs = any(e.is_dir() for e in entries)
         has_files = any(e.is_file() for e in entries)
         layout = "imagefolder" if has_dirs and not has_files else "flat"
     if layout == "imagefolder":
-        classes = sorted(e.name for e in os.scandir(root)
-                         if e.is_dir() and not e.name.startswith("."))
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and listed(e))
         if not classes:
             raise DataError(f"{root}: no class subfolders for an ImageFolder layout")
         walk = _Walk(root, exclude, follow_links)

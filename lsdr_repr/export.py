@@ -61,6 +61,9 @@ from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError
 log = logging.getLogger(__name__)
 
 MAX_CARD_METRICS = 8  # per eval result file in README.md
+# Every file an export of any format writes: what `--overwrite` may replace.
+EXPORT_FILES = frozenset({WEIGHTS_NAME, "config.json", "README.md", "model.onnx", "model.onnx.data",
+                          "model.pt"})
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 # Outputs are compared with |a - b| <= ATOL + RTOL * |b|; float32 re-implementations (ONNX
 # kernels, fused TorchScript ops) differ from eager PyTorch by ~1e-6 relative on these models.
@@ -108,8 +111,18 @@ def export_backbone(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: export target exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: export target is not empty (use --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()):
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                         if not (p.is_file() and p.name in EXPORT_FILES))
+        if foreign:
+            # --overwrite replaces an earlier export, never a run directory or anything else
+            raise ConfigError(
+                f"{out}: export target holds files that are not an export "
+                f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); give an "
+                "empty or new folder")
+        if not overwrite:
+            raise ConfigError(f"{out}: export target holds an earlier export (use --overwrite "
+                              "to replace it)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Hidden sibling (same file system, so the final rename is atomic); mkdir honours the umask,

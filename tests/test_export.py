@@ -339,7 +339,7 @@ def test_export_errors_and_cli(runs, tmp_path, capsys, monkeypatch):
     # A second export into the same non-empty folder needs --overwrite.
     assert main(["export", str(ckpt), str(out), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not empty" in err
+    assert err.count("\n") == 1 and "holds an earlier export (use --overwrite" in err
     with pytest.raises(ConfigError):
         export.export_backbone(ckpt, out, "torchscript")
     # Without the onnx extra (onnxscript missing here), one line naming it, before any work.
@@ -351,6 +351,20 @@ def test_export_errors_and_cli(runs, tmp_path, capsys, monkeypatch):
     assert "lsdr-repr[onnx]" in err and not (tmp_path / "no-onnx").exists()
     assert main(["export", str(ckpt), str(out), "--format", "torchscript", "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.pt"]
+
+    # --overwrite replaces an earlier export only: never the run directory itself (a user's
+    # `lsdr export RUN RUN --overwrite` deleted its checkpoints), nor a folder of other files.
+    run_dir = ckpt.parent.parent
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("keep me")
+    for target in (run_dir, notes):
+        assert main(["export", str(ckpt), str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds files that are not an export" in err, err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert (notes / "thesis.tex").read_text() == "keep me"
 
 
 def test_export_dir_is_a_source_for_evaluation(runs, timm_exports):

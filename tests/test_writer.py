@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,20 @@ def test_flat_folder_is_unlabelled(tmp_path):
     samples = by_source(tmp_path / "out")
     assert set(samples) == {"0.jpg", "1.jpg", "2.jpg", "sub/3.jpg", "sub/4.jpg"}
     assert all("cls" not in s for s in samples.values())
+
+
+def test_an_output_folder_inside_the_source_is_not_a_class(image_folder, tmp_path):
+    """`lsdr shards write imgs imgs/shards`, run twice (a resumed write): the second listing
+    must not take `shards/` for a fourth class, which relabelled every class after it."""
+    src = tmp_path / "imgs"
+    shutil.copytree(image_folder, src)
+    out = src / "shards"
+    first = write_shards(src, out, workers=1)
+    labels = {k: m["cls"] for k, m in by_source(out).items()}
+    second = write_shards(src, out, workers=1)
+    assert read_manifest(out).class_names == ("ant", "bee", "cat")
+    assert first.written == second.written == 24 and second.skipped == 0
+    assert {k: m["cls"] for k, m in by_source(out).items()} == labels
 
 
 def test_csv_and_tsv_sources(tmp_path):

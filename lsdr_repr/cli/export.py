@@ -16,7 +16,7 @@ def register(sub) -> None:
                    help="output folder (default: export.out_dir of the run, else RUN_DIR/export)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                    help="default: export.format of the run's config (timm)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT (never other files)")
     p.set_defaults(handler=cmd_export)
 
 
