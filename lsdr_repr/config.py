@@ -359,7 +359,24 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     apply_overrides(raw, overrides, source=str(path))
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as exc:
+        raise _blame_override(exc, str(path), overrides) from None
+
+
+def _blame_override(exc: ConfigError, source: str, overrides: typing.Sequence[str]
+                    ) -> ConfigError:
+    """An error about a key the command line set names that override, not the YAML file
+    (`data.batch_size=-4` is not in configs/demo.yaml)."""
+    message = str(exc)
+    for item in reversed(overrides):  # the last override of a key is the one that holds
+        key = item.split("=", 1)[0].strip()
+        for prefix in (f"{source}: {key}: ", f"{source}: {key}["):
+            if message.startswith(prefix):
+                rest = message[len(source) + 2:]
+                return ConfigError(f"override '{item}': {rest}")
+    return exc
 
 
 def yaml_error_line(exc: yaml.YAMLError) -> str:
@@ -541,6 +558,25 @@ def _check_keys(cls: type, raw: Any, prefix: str, source: str) -> None:
     for name in names & set(raw):
         if dataclasses.is_dataclass(hints[name]):
             _check_keys(hints[name], raw[name], f"{prefix}{name}.", source)
+        else:
+            _check_list(hints[name], raw[name], f"{prefix}{name}", source)
+
+
+def _check_list(tp: Any, value: Any, key: str, source: str) -> None:
+    """A list field given a string or a mapping (dacite would iterate over its characters or
+    keys and report a generator object), or list items of the wrong shape: one line."""
+    if typing.get_origin(tp) is not list:
+        return
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: {key}: expected a list, got {value!r} (write [{value!r}] "
+                          "for one item)" if isinstance(value, (str, int, float))
+                          else f"{source}: {key}: expected a list, got {value!r}")
+    (item_type,) = typing.get_args(tp) or (Any,)
+    if typing.get_origin(item_type) is dict:
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{source}: {key}[{i}]: expected a mapping such as "
+                                  f"{{op: ..., ...}}, got {item!r}")
 
 
 def _unknown_key(prefix: str, key: str, names: set[str]) -> str:

@@ -140,18 +140,37 @@ def barrier() -> None:
 
 # ------------------------------------------------------------------------------ collectives
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] per rank -> [world_size * N, ...] in rank order, differentiable: torch's own
-    `torch.distributed.nn.functional.all_gather`, whose backward sums each rank's gradient for
-    the slice it contributed (every rank computes the loss on the whole gathered batch). After
-    DDP averages the parameter gradients the result equals one process on the whole batch (as
-    facebookresearch/vicreg's FullGatherLayer).
+    """[N, ...] per rank -> [world_size * N, ...] in rank order, differentiable: the backward
+    sums each rank's gradient for the slice it contributed (every rank computes the loss on the
+    whole gathered batch). After DDP averages the parameter gradients the result equals one
+    process on the whole batch (as facebookresearch/vicreg's FullGatherLayer).
 
     Every rank must pass the same shape. The identity when not distributed."""
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """What `torch.distributed.nn.functional.all_gather` did before torch 2.14 deprecated it
+    for a private module: all-gather forward; backward the sum over ranks of the gradient of
+    this rank's slice, as an all-reduce, then the slice. (A reduce-scatter would move half the
+    bytes on NCCL; it is left for when a multi-GPU machine can test it: gloo, the CPU tests'
+    backend, has none.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone(memory_format=torch.contiguous_format)  # autograd may hold `grad` elsewhere: reduce a copy
+        dist.all_reduce(summed)
+        return summed[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def all_true(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:

@@ -82,6 +82,10 @@ def check_specs(entries: list[dict[str, Any]], source: str = "config",
             limit = "" if total_views is None else f" below {total_views}"
             raise ConfigError(f"{source}: {key}.views: expected a list of view indices{limit}, "
                               f"got {views!r}")
+        p = kwargs.get("p")
+        if p is not None and not (isinstance(p, (int, float)) and 0 <= p <= 1):
+            # kornia takes any p: above 1 it is always applied, below 0 silently never
+            raise ConfigError(f"{source}: {key}.p: a probability in [0, 1], got {p!r}")
         # kornia checks values in its constructors and raises several types: name the entry and
         # keep kornia's words
         try:

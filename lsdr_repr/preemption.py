@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import types
 from collections.abc import Iterator
@@ -35,9 +36,24 @@ EXIT_FAILED = 1  # anything else (a bug: the traceback is printed)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); checkpoint written
 
 
+# What gloo and NCCL say when another rank of the job has gone (killed, crashed, preempted
+# without its checkpoint): not a bug of this rank.
+LOST_PEER = re.compile(r"Connection (?:closed|reset) by peer|remote process exited|"
+                       r"NCCL communicator was aborted|ProcessGroupNCCL's watchdog")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """The words of a collective's error that mean another rank left, else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    found = LOST_PEER.search(str(exc))
+    return found.group(0) if found else None
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit status `lsdr train` ends with when `exc` escapes the run."""
-    if isinstance(exc, (LsdrError, OSError)):  # train() reports an OSError as RunDirError
+    if isinstance(exc, (LsdrError, OSError)) or lost_peer(exc):
+        # train() reports an OSError as RunDirError and a lost peer as DistributedError
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED

@@ -45,6 +45,7 @@ from lsdr_repr.preemption import (
     PreemptionFlag,
     StopWhileWaiting,
     exit_code_for,
+    lost_peer,
 )
 from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
@@ -143,6 +144,17 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None,
         where = exc.filename or cfg.train.run_dir
         raise RunDirError(f"{where}: {exc.strerror or exc} (the checkpoints written so far are "
                         "intact; run again to resume)") from exc
+    except RuntimeError as exc:
+        # Another rank died (its own log names why): here one line, not a collective's
+        # traceback that reads like a bug of this rank.
+        words = lost_peer(exc) if env.is_distributed else None
+        if words is None:
+            raise
+        raise dist.DistributedError(
+            f"another rank of the job stopped ({'nccl' if device.type == 'cuda' else 'gloo'}: "
+            f"{words}); its log "
+            "names the cause. The checkpoints written so far are intact: run again to "
+            "resume") from exc
     finally:
         dist.cleanup()
 
@@ -340,11 +352,13 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
         self.skipped_samples = int(state.get("skipped_samples", 0))
         saved_config = state.get("config", {})
+        # The same on every rank: said once, by rank 0 (the others log warnings too).
+        say = log.warning if self.rank == 0 else log.debug
         for change in config_differences(saved_config, self.config_dict):
-            log.warning("resuming with %s", _describe_change(change))
+            say("resuming with %s", _describe_change(change))
         changed = schedule_changes(saved_config, self.config_dict)
         if changed:
-            self._rebuild_schedule(changed)
+            self._rebuild_schedule(changed, say)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
         if int(state.get("world_size", 1)) == self.world_size:
@@ -353,14 +367,14 @@ class Trainer:
             self.staging.load_state_dict({"data": state["data_state"][self.rank],
                                           "augment": rng["augment"]})
         else:
-            log.warning(
+            say(
                 "checkpoint %s was written by %d ranks, this run has %d: weights and optimiser "
                 "resume exactly, the data stream and random state start afresh",
                 path, state.get("world_size"), self.world_size,
             )
         log.info("resumed from %s at step %d", path, self.step)
 
-    def _rebuild_schedule(self, changed: list[str]) -> None:
+    def _rebuild_schedule(self, changed: list[str], say: Callable[..., None]) -> None:
         """Follow the current config's schedule from the current step: the learning rate is what
         a run configured so from the start would have now (extending a finished 40-step run to
         80 steps continues half-way down the new cosine, not at the old one's floor)."""
@@ -369,7 +383,7 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_values):
             group["initial_lr"] = base
         self.scheduler.step_update(self.step)
-        log.warning("learning-rate schedule rebuilt for the changed %s: from step %d it follows "
+        say("learning-rate schedule rebuilt for the changed %s: from step %d it follows "
                     "the current config (lr now %.6g)", ", ".join(changed), self.step,
                     self.optimizer.param_groups[0]["lr"])
 

@@ -515,6 +515,8 @@ def test_kornia_modules_from_the_config_run_on_the_views():
       r" \(did you mean distortion_scale")),
     ({"op": "RandomPlasmaShadow", "views": [5]}, r"augment\.kornia\[0\]\.views"),
     ({"op": "RandomPlanckianJitter", "mode": "sunset"}, r"augment\.kornia\[0\]: "),
+    ({"op": "RandomGamma", "p": 2}, r"augment\.kornia\[0\]\.p: a probability in \[0, 1\], got 2"),
+    ({"op": "RandomGamma", "p": -1}, r"augment\.kornia\[0\]\.p: a probability in \[0, 1\]"),
 ])
 def test_bad_kornia_entry_is_a_one_line_config_error(entry, message):
     with pytest.raises(ConfigError, match=message) as err:

@@ -156,3 +156,45 @@ def test_under_torchrun_only_rank_0_logs_progress(rank, verbose, shown):
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     lines = [line.split(" ", 1)[1] for line in proc.stderr.splitlines()]  # drop the clock
     assert lines == shown
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["eval", "knn", "runs/x", "--k", "0"], "--k: must be at least 1, got 0"),
+    (["eval", "knn", "runs/x", "--temperature", "0"], "--temperature: must be positive"),
+    (["eval", "knn", "runs/x", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
+    (["eval", "linear", "runs/x", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["eval", "rank", "runs/x", "--workers", "-1"], "--workers: must be at least 0"),
+])
+def test_eval_arguments_out_of_range_are_usage_errors(argv, complaint, capsys):
+    """Before: `--k 0` was a ValueError traceback (exit 1) after the features were computed,
+    `--temperature 0` printed a top-1, `--device gpu` was torch's list of device types."""
+    with pytest.raises(SystemExit) as info:
+        parse_command_line(argv)
+    assert info.value.code == 2 and complaint in capsys.readouterr().err
+
+
+def test_a_gpu_that_is_not_there_is_one_line():
+    import torch
+
+    from lsdr_repr.errors import ConfigError
+    from lsdr_repr.eval.features import resolve_device
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last, or cuda:0 without any
+    with pytest.raises(ConfigError, match=rf"device '{missing}': this machine has \d CUDA"):
+        resolve_device(missing)
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_an_error_line_under_torchrun_names_its_rank():
+    from lsdr_repr.cli import rank_tag
+
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    assert rank_tag(torchrun) == "[rank 1] " and rank_tag({}) == ""
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["train", "c.yaml", "-v"], True), (["-v", "train", "c.yaml"], True),
+    (["train", "c.yaml"], False), (["eval", "knn", "runs/x", "--verbose"], True),
+])
+def test_verbose_goes_before_or_after_the_command(argv, verbose):
+    assert parse_command_line(argv).verbose is verbose

@@ -73,11 +73,11 @@ def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
     [
         ({"optim": {"lrr": 0.1}}, [], r"run\.yaml: unknown key 'optim\.lrr'"),
         ({"nope": {}}, [], r"unknown key 'nope'"),
-        ({}, ["data.batch_size=big"], r"run\.yaml: data\.batch_size: expected int, got 'big'"),
+        ({}, ["data.batch_size=big"], r"override 'data\.batch_size=big': data\.batch_size: expected int, got 'big'"),
         ({}, ["optim.name=adam"], r"optim\.name: expected one of lars \| adamw \| sgd"),
         ({}, ["augment.scale.area=[0.1]"], r"augment\.scale\.area: expected 2 values"),
         ({}, ["augment.preset=fancy"], r"augment\.preset: unknown preset 'fancy'"),
-        ({}, ["model.stages=3"], r"model\.stages: expected list"),
+        ({}, ["model.stages=3"], r"model\.stages: expected a list, got 3"),
         ({}, ["train.compile=yes please"], r"train\.compile: expected bool"),
         ({}, ["optim"], r"override 'optim' is not of the form key=value"),
         ({"data": 3}, [], r"data: expected a mapping"),
@@ -185,8 +185,30 @@ def test_an_override_whose_value_yaml_would_cut_at_a_comment_is_refused(tmp_path
 
 
 @pytest.mark.parametrize("size", [0, 1, -4])
-def test_a_batch_below_two_names_the_key_and_the_file(tmp_path, size):
+def test_a_batch_below_two_names_the_key_and_where_it_was_set(tmp_path, size):
+    """In the file: the file; on the command line: the override (it is not in the file)."""
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  batch_size: 8\n")
+    path.write_text(f"data:\n  batch_size: {size}\n")
     with pytest.raises(ConfigError, match=rf"{path}: data\.batch_size: must be at least 2"):
+        load_config(path)
+    path.write_text("data:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"^override 'data\.batch_size={size}': "
+                                          rf"data\.batch_size: must be at least 2"):
         load_config(path, [f"data.batch_size={size}"])
+
+
+@pytest.mark.parametrize("override, complaint", [
+    ("augment.fill=reflection", "augment.fill: expected a list, got 'reflection'"),
+    ("augment.kornia={op: RandomGamma}", "augment.kornia: expected a list, got {'op'"),
+    ("augment.kornia=[RandomGamma]",
+     "augment.kornia[0]: expected a mapping such as {op: ..., ...}, got 'RandomGamma'"),
+])
+def test_a_list_given_a_scalar_or_a_mapping_is_one_line(tmp_path, override, complaint):
+    """dacite iterated over the string's characters or the mapping's keys: a ValueError
+    traceback, or a message quoting a generator object."""
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  flip_p: 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert str(info.value).startswith(f"override '{override}': {complaint}"), str(info.value)
+    assert "generator" not in str(info.value)

@@ -209,6 +209,10 @@ def test_a_two_rank_run_preempted_then_killed_resumes_to_the_uninterrupted_weigh
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped:08d}.pt'}" in out
     assert rank_exit_codes(out)[1] == -signal.SIGKILL, out[-4000:]
     assert re.search(r"Connection (reset|closed) by peer", out), out[-4000:]
+    # the survivor: one line naming what happened, not the collective's traceback
+    assert re.search(r"lsdr: error: \[rank 0\] another rank of the job stopped \(gloo: "
+                     r"Connection (reset|closed) by peer\)", out), out[-4000:]
+    assert "[rank0]: Traceback" not in out, out[-4000:]  # (torchrun prints its own)
     assert elapsed < 25, elapsed
     last = checkpoint_steps(run_dir)[-1]
     assert next_save <= last < TOTAL_STEPS

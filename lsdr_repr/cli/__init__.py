@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from lsdr_repr.cli import demo, export, shards, slurm, train
 from lsdr_repr.cli import eval as evaluation
-from lsdr_repr.cli._common import formatter
+from lsdr_repr.cli._common import VERBOSE_HELP, formatter
 from lsdr_repr.errors import LsdrError
 from lsdr_repr.launch_env import DistEnv, read_dist_env
 from lsdr_repr.preemption import EXIT_BAD_INPUT, EXIT_INTERRUPTED
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="lsdr-repr: pretrain image backbones invariant to lighting, rotation and scale.",
         formatter_class=formatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
@@ -51,20 +51,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             preempt.close()
 
 
+def _job(environ: Mapping[str, str] | None = None) -> DistEnv:
+    try:
+        return read_dist_env(environ, quiet=True)
+    except LsdrError:  # a malformed launch is the command's own one-line error, a moment later
+        return DistEnv()
+
+
+def rank_tag(environ: Mapping[str, str] | None = None) -> str:
+    """'[rank R] ' under torchrun or srun (which of 64 processes said it), else ''."""
+    job = _job(environ)
+    return f"[rank {job.rank}] " if job.is_distributed else ""
+
+
 def configure_logging(verbose: bool, environ: Mapping[str, str] | None = None) -> None:
     """INFO (DEBUG with -v) on stderr. Under torchrun or srun each line names its rank, and the
     ranks other than 0 log only warnings and errors unless -v: a 64-GPU job prints one progress
     stream, not 64 interleaved copies of it (as Lightning's rank-zero logging does)."""
-    try:
-        job = read_dist_env(environ, quiet=True)
-    except LsdrError:  # a malformed launch is the command's own one-line error, a moment later
-        job = DistEnv()
+    job = _job(environ)
     level = logging.DEBUG if verbose else logging.INFO
-    where = ""
-    if job.is_distributed:
-        where = f"[rank {job.rank}] "
-        if job.rank != 0 and not verbose:
-            level = logging.WARNING
+    where = rank_tag(environ)
+    if job.is_distributed and job.rank != 0 and not verbose:
+        level = logging.WARNING
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s",
@@ -98,8 +106,8 @@ def _main(argv: list[str], preempt) -> int:
     try:
         return int(args.handler(args) or 0)
     except LsdrError as exc:
-        print(f"lsdr: error: {exc}", file=sys.stderr)
+        print(f"lsdr: error: {rank_tag()}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("lsdr: interrupted", file=sys.stderr)
+        print(f"lsdr: {rank_tag()}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
 from pathlib import Path
+
+VERBOSE_HELP = "debug logging; under torchrun or srun, every rank's INFO lines too"
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
@@ -19,6 +23,9 @@ def add_command(sub, name: str, help_text: str, example: str) -> argparse.Argume
         formatter_class=formatter,
     )
     parser.set_defaults(command_parser=parser)
+    # Also after the command (`lsdr train CONFIG -v`); SUPPRESS keeps `lsdr -v train` set.
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=VERBOSE_HELP)
     return parser
 
 
@@ -48,3 +55,34 @@ def wandb_sync_line(run_dir: str | Path) -> str | None:
         return None
     pieces = len(offline_run_dirs(run_dir))
     return f"upload all {pieces} piece{'s' if pieces != 1 else ''} of the W&B run: {command}"
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """argparse type: a number of `kind` >= `low` (`--k 0` is a usage error, not a traceback)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0 (a temperature, a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: auto | cpu | cuda | cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lsdr_repr.cli._common import add_command as add
+from lsdr_repr.cli._common import at_least, device_name, positive_float
 from lsdr_repr.errors import ConfigError
 
 
@@ -30,9 +31,9 @@ def register(sub) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("source", help="run directory, checkpoint file or timm export folder")
         q.add_argument("--out", default=None, help="results folder (default RUN_DIR/eval)")
-        q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-        q.add_argument("--batch-size", type=int, default=128)
-        q.add_argument("--workers", type=int, default=2, help="reader worker processes")
+        q.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--batch-size", type=at_least(1), default=128)
+        q.add_argument("--workers", type=at_least(0), default=2, help="reader worker processes")
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def labelled(q: argparse.ArgumentParser) -> None:
@@ -45,8 +46,8 @@ def register(sub) -> None:
             "lsdr eval knn runs/demo --train data/sample/train --val data/sample/val --k 20")
     common(q)
     labelled(q)
-    q.add_argument("--k", type=int, default=20)
-    q.add_argument("--temperature", type=float, default=0.07)
+    q.add_argument("--k", type=at_least(1), default=20)
+    q.add_argument("--temperature", type=positive_float, default=0.07)
     q.set_defaults(handler=cmd_knn)
 
     q = add(esub, "linear", "Linear probe (L-BFGS logistic regression, weight decay chosen on a "
@@ -62,9 +63,10 @@ def register(sub) -> None:
             "lsdr eval finetune runs/demo --epochs 3 --lr 1e-3")
     common(q)
     labelled(q)
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--lr", type=float, default=1e-3, help="at batch 256, scaled linearly")
-    q.add_argument("--weight-decay", type=float, default=0.05)
+    q.add_argument("--epochs", type=at_least(1), default=3)
+    q.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="at batch 256, scaled linearly")
+    q.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05)
     q.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "lars"))
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(handler=cmd_finetune)
@@ -79,14 +81,15 @@ def register(sub) -> None:
     q.add_argument("--reference", default=None,
                    help="images whose features standardise both sides (default: the run's "
                    "data.train_shards; 'none' for raw features)")
-    q.add_argument("--max-images", type=int, default=512, help="first N images of --data")
+    q.add_argument("--max-images", type=at_least(1), default=512,
+                   help="first N images of --data")
     q.set_defaults(handler=cmd_invariance)
 
     q = add(esub, "rank", "Effective rank (RankMe) and eigenvalue spectrum of the embeddings.",
             "lsdr eval rank runs/demo --data data/sample/val")
     common(q)
     q.add_argument("--data", default=None, help="images (default: the run's data.val_shards)")
-    q.add_argument("--max-samples", type=int, default=None)
+    q.add_argument("--max-samples", type=at_least(1), default=None)
     q.set_defaults(handler=cmd_rank)
 
 

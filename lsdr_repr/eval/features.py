@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 
 from data_pipelines.writer import is_image_folder
-from lsdr_repr.errors import DataError, LsdrError
+from lsdr_repr.errors import ConfigError, DataError, LsdrError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,19 @@ class Features:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> the device; one line (`ConfigError`) for a GPU that is not
+    there, instead of torch's "Found no NVIDIA driver" traceback at the first copy."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {str(device)!r}: expected auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count or count == 0:
+            raise ConfigError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def iter_images(
