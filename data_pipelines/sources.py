@@ -233,7 +233,12 @@ def _expand(text: str) -> list[str]:
 def _resolve_single(part: str, text: str) -> Source | None:
     """A directory or a manifest (local or remote) as a whole source; None for a shard."""
     if not is_remote(part) and not os.path.exists(part):
-        raise DataError(f"{part}: no such shard file or directory")
+        where = Path(part)
+        # the shipped configs' default data, on a fresh clone before `lsdr demo` wrote it
+        hint = (f" (the embedded sample data: `lsdr shards sample {where.parent}` writes it)"
+                if where.parent.name == "sample" and where.name in ("train", "val", "test")
+                else "")
+        raise DataError(f"{part}: no such shard file or directory{hint}")
     if part.endswith(".json"):
         manifest = _load_manifest(part)
         _check_local(manifest.urls(), f"{part} lists")

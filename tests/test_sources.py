@@ -419,3 +419,12 @@ def test_http_urls_with_a_query_string_are_not_globs(foreign, http_base):
     assert sum(len(b.labels) for b in make_eval_loader(url, SIZE, 4)) == 6
     with pytest.raises(DataError, match="cannot be globbed: use a brace pattern"):
         resolve_source(f"{http_base}/a/*.tar")
+
+
+def test_the_missing_sample_data_says_how_to_write_it(tmp_path):
+    """`lsdr train configs/demo.yaml` on a fresh clone, before `lsdr demo` wrote data/sample."""
+    with pytest.raises(DataError, match=rf"no such shard file or directory \(the embedded "
+                                        rf"sample data: `lsdr shards sample {tmp_path}/sample`"):
+        resolve_source(str(tmp_path / "sample" / "train"))
+    with pytest.raises(DataError, match=r"directory$"):
+        resolve_source(str(tmp_path / "mine" / "train"))

@@ -86,3 +86,8 @@ def device_name(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     return text
+
+
+def count(n: int, noun: str) -> str:
+    """'1 shard', '4 shards'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

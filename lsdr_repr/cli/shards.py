@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lsdr_repr.cli._common import add_command as add
+from lsdr_repr.cli._common import count
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 
@@ -121,7 +122,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, **kwargs)
     m = result.manifest
     classes = f", {m.num_classes} classes" if m.num_classes else ""
-    print(f"wrote {result.written} samples{classes} in {len(m.shards)} shards "
+    print(f"wrote {result.written} samples{classes} in {count(len(m.shards), 'shard')} "
           f"({_human_bytes(m.num_bytes)}) to {result.out}")
     if result.shards_reused:
         print(f"kept {len(result.shards_reused)} complete shards from an earlier run, "
@@ -138,7 +139,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
                          progress=not args.no_progress)
     m = result.manifest
     labels = "labelled (cls)" if m.labelled else "not all labelled"
-    print(f"indexed {m.num_samples} samples in {len(m.shards)} shards "
+    print(f"indexed {m.num_samples} samples in {count(len(m.shards), 'shard')} "
           f"({_human_bytes(m.num_bytes)}), {labels}")
     print(f"manifest: {result.written_to}")
     return EXIT_OK
@@ -156,8 +157,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if report.extra_files:
         print(f"not in the manifest (ignored): {', '.join(report.extra_files)}")
     bad_shards = len(report.bad_shards)
-    status = "OK" if report.ok else f"FAILED: {bad_shards} of {len(report.shards)} shards bad"
-    print(f"{report.root}: {len(report.shards)} shards, {report.good} good samples, "
+    shards = count(len(report.shards), "shard")
+    status = "OK" if report.ok else f"FAILED: {bad_shards} of {shards} bad"
+    print(f"{report.root}: {shards}, {report.good} good samples, "
           f"{report.bad} bad: {status}")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
@@ -172,6 +174,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                  grey=args.grey, seed=args.seed)
     for name, path in splits.items():
         m = read_manifest(path)
-        print(f"{name}: {m.num_samples} images, {m.num_classes} classes, {len(m.shards)} shards "
-              f"({_human_bytes(m.num_bytes)}): {path / 'manifest.json'}")
+        print(f"{name}: {m.num_samples} images, {m.num_classes} classes, "
+              f"{count(len(m.shards), 'shard')} ({_human_bytes(m.num_bytes)}): "
+              f"{path / 'manifest.json'}")
     return EXIT_OK

@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if read_dist_env().rank != 0:  # every rank returns here; one summary, not one per GPU
         return result.exit_code
     print(f"step {result.step}/{cfg.train.total_steps}; checkpoint: {result.checkpoint}; "
-          f"W&B run: {result.wandb_path}")
+          f"W&B run: {result.wandb_path or 'none'}")
     sync = wandb_sync_line(result.run_dir)
     if sync:
         print(sync)
