@@ -203,6 +203,4 @@ def _write(target: str, data: dict[str, Any]) -> None:
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
-    # disable=None: drawn on a terminal only, not into a log file
-    return tqdm(total=total, desc=desc, unit="shard", disable=None if enabled else True,
-                leave=False)
+    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled, leave=False)

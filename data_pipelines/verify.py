@@ -105,7 +105,7 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="shard", disable=True if not enabled or total == 0 else None,  # None: a terminal only
+    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled or total == 0,
                 dynamic_ncols=True, mininterval=0.5)
 
 

@@ -550,7 +550,7 @@ def _refuse_another_dataset(out: Path, identity: str) -> None:
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc=desc, disable=True if not enabled or total == 0 else None,  # None: a terminal only
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled or total == 0,
                 dynamic_ncols=True, mininterval=0.5)
 
 

@@ -372,7 +372,7 @@ def _blame_override(exc: ConfigError, source: str, overrides: typing.Sequence[st
     message = str(exc)
     for item in reversed(overrides):  # the last override of a key is the one that holds
         key = item.split("=", 1)[0].strip()
-        for prefix in (f"{source}: {key}: ", f"{source}: {key}["):
+        for prefix in (f"{source}: {key}: ", f"{source}: {key}[", f"{source}: {key}."):
             if message.startswith(prefix):
                 rest = message[len(source) + 2:]
                 return ConfigError(f"override '{item}': {rest}")

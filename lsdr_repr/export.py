@@ -112,14 +112,7 @@ def export_backbone(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: export target exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                         if not (p.is_file() and p.name in EXPORT_FILES))
-        if foreign:
-            # --overwrite replaces an earlier export, never a run directory or anything else
-            raise ConfigError(
-                f"{out}: export target holds files that are not an export "
-                f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); give an "
-                "empty or new folder")
+        _check_replaceable(out)
         if not overwrite:
             raise ConfigError(f"{out}: export target holds an earlier export (use --overwrite "
                               "to replace it)")
@@ -133,6 +126,7 @@ def export_backbone(
         diffs = _write_and_check(trained, tmp, fmt, out)
         files = sorted(p.name for p in tmp.iterdir())
         if out.exists():
+            _check_replaceable(out)  # again: the export took a while, the folder may have changed
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
@@ -140,6 +134,27 @@ def export_backbone(
         raise
     log.info("exported %s (%s) to %s: %s", trained.arch, fmt, out, ", ".join(files))
     return ExportResult(out_dir=out, format=fmt, files=files, max_abs_diff=diffs)
+
+
+def _check_replaceable(out: Path) -> None:
+    """`--overwrite` replaces an earlier export of ours only (its config.json carries the "lsdr"
+    block), never a run directory or a folder of anything else: one line otherwise."""
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if not (p.is_file() and p.name in EXPORT_FILES))
+    if not foreign and out.joinpath("config.json").is_file():
+        try:
+            ours = "lsdr" in json.loads(out.joinpath("config.json").read_text())
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            foreign = ["config.json (not written by lsdr export)"]
+    elif not foreign:
+        foreign = ["no config.json of an lsdr export"]
+    if foreign:
+        raise ConfigError(
+            f"{out}: export target holds files that are not an lsdr export "
+            f"({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}); give an empty "
+            "or new folder")
 
 
 def _write_and_check(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import types
@@ -37,9 +38,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention); checkpo
 
 
 # What gloo and NCCL say when another rank of the job has gone (killed, crashed, preempted
-# without its checkpoint): not a bug of this rank.
-LOST_PEER = re.compile(r"Connection (?:closed|reset) by peer|remote process exited|"
-                       r"NCCL communicator was aborted|ProcessGroupNCCL's watchdog")
+# without its checkpoint): not a bug of this rank. Timeouts and aborted communicators are left
+# out: this rank's own watchdog says those for a deadlock too.
+LOST_PEER = re.compile(r"Connection (?:closed|reset) by peer|remote process exited")
 
 
 def lost_peer(exc: BaseException) -> str | None:
@@ -52,8 +53,7 @@ def lost_peer(exc: BaseException) -> str | None:
 
 def exit_code_for(exc: BaseException) -> int:
     """The exit status `lsdr train` ends with when `exc` escapes the run."""
-    if isinstance(exc, (LsdrError, OSError)) or lost_peer(exc):
-        # train() reports an OSError as RunDirError and a lost peer as DistributedError
+    if isinstance(exc, (LsdrError, OSError)):  # train() reports an OSError as RunDirError
         return EXIT_BAD_INPUT
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -103,6 +103,8 @@ class PreemptionFlag:
         self.requeue = False  # a signal other than Ctrl-C came: the SLURM script should requeue
         self._holding = False
         self._waiting = False
+        # Only this process raises: a loader worker forked while it waited inherits the flag
+        self._pid = os.getpid()
         self._previous: dict[signal.Signals, object] = {}
         sigs = {signal.SIGTERM, parse_signal(preempt_signal)}
         if interrupt and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -122,7 +124,7 @@ class PreemptionFlag:
             again = " (Ctrl-C again to stop without it)" if sig == signal.SIGINT else ""
             log.warning("received %s: finishing this step, then checkpoint and exit%s",
                         sig.name, again)
-        if self._waiting:
+        if self._waiting and os.getpid() == self._pid:
             self._waiting = False
             raise StopWhileWaiting
 

@@ -487,19 +487,13 @@ def progress_bar(total: int | None, desc: str, unit: str = "it",
     gives a bar that draws nothing, so callers update it unconditionally."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, disable=_bar_off(enabled),
-               dynamic_ncols=True, mininterval=0.5)  # the finished bar stays: what ran, how many, how fast
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+               mininterval=0.5)  # the finished bar stays: what ran, how many, how fast
     try:
         with _logs_above_bars(enabled):
             yield bar
     finally:
         bar.close()
-
-
-def _bar_off(enabled: bool) -> bool | None:
-    """tqdm's `disable`: None draws only on a terminal (a log file or a pipe would get every
-    redraw, joined by carriage returns)."""
-    return None if enabled else True
 
 
 def _logs_above_bars(enabled: bool) -> contextlib.AbstractContextManager:

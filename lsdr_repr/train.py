@@ -38,6 +38,7 @@ from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import (
+    EXIT_BAD_INPUT,
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -285,8 +286,6 @@ class Trainer:
         # Called after every step with the trainer (benchmarks time steps through it);
         # `last_data_wait_s` is the host time that step's batch was waited for.
         self.step_hook: Callable[[Trainer], None] | None = None
-        # Around the fetch of the next batch: `run` makes a stop signal cut a stalled wait short
-        self._data_wait: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.last_data_wait_s = 0.0
 
         self.step = 0
@@ -468,8 +467,7 @@ class Trainer:
         loader stalls leaves that batch unread: this step completes, and the run loop's
         agreement (every rank has finished the step's collectives by now) checkpoints it."""
         try:
-            with self._data_wait():
-                self.staging.prefetch()
+            self.staging.prefetch()
         except StopWhileWaiting:
             log.warning("stop signal while waiting for the next batch: it is left unread")
 
@@ -518,7 +516,13 @@ class Trainer:
         paused = False
         started_at = self.step
         self.model.train()
-        self._data_wait = preempt.waiting
+        # A stop signal cuts a stalled wait for data short: always for the batch fetched inside
+        # a step (every rank has passed the step's collectives), and for one fetched at the top
+        # of the loop only in one process (under DDP the other ranks may already be in this
+        # step's collectives).
+        self.staging.wait_ahead = preempt.waiting
+        if self.world_size == 1:
+            self.staging.wait_on_demand = preempt.waiting
         try:
             if self.step >= cfg.total_steps:
                 log.info("run already complete at step %d", self.step)
@@ -535,9 +539,10 @@ class Trainer:
                 end = self.step
             preempt.hold_interrupts()  # from here a first Ctrl-C stops with a checkpoint
             while self.step < end:
-                staged = self._next_batch(preempt)
+                staged = self._next_batch()
                 if staged is None:  # a stop signal while waiting for this step's batch
                     exit_code = self._stop_status(preempt)
+                    self._resolve_flags(keep=0)
                     if self.step > started_at:
                         last_ckpt = self._save_before_stopping() or last_ckpt
                     log.warning("%s at step %d while waiting for data: checkpoint %s, exiting "
@@ -603,10 +608,13 @@ class Trainer:
             log.error("%s", exc)
             exit_code = EXIT_DIVERGED
         except BaseException as exc:
-            exit_code = exit_code_for(exc)  # what summary.json records; the CLI prints it
+            # what summary.json records; the CLI prints it (train() turns a lost peer into a
+            # DistributedError: exit 2)
+            exit_code = (EXIT_BAD_INPUT if self.world_size > 1 and lost_peer(exc)
+                         else exit_code_for(exc))
             raise
         finally:
-            self._data_wait = contextlib.nullcontext
+            self.staging.wait_ahead = self.staging.wait_on_demand = contextlib.nullcontext
             if own_flag:
                 preempt.close()
             if not paused:  # stopped by max_steps: run() may be called again to go on
@@ -628,17 +636,11 @@ class Trainer:
                      self.tracker.run_path)
         return TrainResult(exit_code, self.step, self.run_dir, last_ckpt, self.tracker.run_path)
 
-    def _next_batch(self, preempt: PreemptionFlag) -> Staged | None:
-        """The batch of the next step, or None when a stop signal cut the wait for it short.
-        A batch staged ahead is taken as it is (no wait: the step runs, and a signal is seen
-        after it, as before). One process only: under DDP the other ranks may already be in
-        this step's collectives, so a rank waits here for its batch (or
-        `data.stall_timeout_s`)."""
-        if self.world_size > 1 or self.staging.has_pending:
-            return next(self.staging)
+    def _next_batch(self) -> Staged | None:
+        """The batch of the next step, or None when a stop signal cut the wait for it short
+        (`Staging.wait_on_demand`). A batch staged ahead is taken as it is: no wait."""
         try:
-            with preempt.waiting():
-                return next(self.staging)
+            return next(self.staging)
         except StopWhileWaiting:
             return None
 

@@ -359,12 +359,17 @@ def test_export_errors_and_cli(runs, tmp_path, capsys, monkeypatch):
     notes = tmp_path / "mine"
     notes.mkdir()
     (notes / "thesis.tex").write_text("keep me")
-    for target in (run_dir, notes):
+    lookalike = tmp_path / "project"  # export-like names, not our export
+    lookalike.mkdir()
+    (lookalike / "README.md").write_text("my project")
+    (lookalike / "config.json").write_text('{"lr": 0.1}')
+    for target in (run_dir, notes, lookalike):
         assert main(["export", str(ckpt), str(target), "--overwrite"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "holds files that are not an export" in err, err
+        assert err.count("\n") == 1 and "holds files that are not an lsdr export" in err, err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     assert (notes / "thesis.tex").read_text() == "keep me"
+    assert (lookalike / "README.md").read_text() == "my project"
 
 
 def test_export_dir_is_a_source_for_evaluation(runs, timm_exports):

@@ -436,12 +436,3 @@ def test_writing_into_the_shards_of_another_dataset_is_refused_without_overwrite
                       "--overwrite"])
     assert code == 0 and read_manifest(out).num_samples == 3
 
-
-def test_no_progress_bar_is_drawn_into_a_log_file(image_folder, tmp_path):
-    """Away from a terminal (a SLURM log, a pipe) tqdm's redraws would arrive joined by carriage
-    returns; the bar is drawn on a terminal only, the summary line is printed either way."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lsdr_repr", "shards", "write", str(image_folder),
-         str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    assert "\r" not in proc.stderr + proc.stdout and "img/s" not in proc.stderr
-    assert "wrote 24 samples" in proc.stdout

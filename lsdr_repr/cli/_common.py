@@ -64,7 +64,7 @@ def at_least(low: float, kind: type = int) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < low:
+        if not value >= low or value == float("inf"):  # also refuses nan and inf
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
     return parse
@@ -76,7 +76,7 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
+    if not 0 < value < float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 

@@ -14,6 +14,7 @@ for its state; nothing reaches back into the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from lsdr_repr.staging.device import to_device
-from lsdr_repr.staging.prefetch import Prefetcher, Staged
+from lsdr_repr.staging.prefetch import Prefetcher, Staged, Wait
 
 Views = list[list[torch.Tensor]]  # the views of each micro-batch
 
@@ -40,6 +41,11 @@ class Staging:
         self.loader, self.augment, self.generator = loader, augment, generator
         self.device, self.micro_batches, self.ahead = device, micro_batches, ahead
         self._feed: Prefetcher[tuple[Views, int]] | None = None
+        # Entered around the loader's wait for a batch staged ahead (`prefetch`) and for one
+        # fetched when asked for (`next`): the trainer's `PreemptionFlag.waiting`, so a stop
+        # signal cuts a stalled wait short (`StopWhileWaiting`); nothing by default.
+        self.wait_ahead: Wait = contextlib.nullcontext
+        self.wait_on_demand: Wait = contextlib.nullcontext
 
     # ------------------------------------------------------------------------- the batches
     def __iter__(self) -> Staging:
@@ -57,17 +63,12 @@ class Staging:
             torch.set_rng_state(rng)
             self._feed = Prefetcher(batches, self.stage, self.device, snapshot=self._snapshot)
         self._feed.ahead = self.ahead
-        return next(self._feed)
-
-    @property
-    def has_pending(self) -> bool:
-        """A batch is staged already: the next `next()` waits for nothing."""
-        return self._feed is not None and self._feed.has_pending
+        return self._feed.take(self.wait_on_demand)
 
     def prefetch(self) -> None:
         """Fetch and stage the next batch now (call it once the step's kernels are queued)."""
         if self._feed is not None:
-            self._feed.prefetch()
+            self._feed.prefetch(self.wait_ahead)
 
     def reset(self) -> None:
         """Drop the staged batch and the loader's iterator (the run ended, or the loader or the

@@ -28,6 +28,7 @@ it. On other devices staging runs inline and the class only changes *when* it ru
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -37,6 +38,7 @@ import torch
 __all__ = ["Prefetcher", "Staged"]
 
 T = TypeVar("T")
+Wait = Callable[[], contextlib.AbstractContextManager]
 
 
 class Staged(NamedTuple, Generic[T]):
@@ -87,21 +89,27 @@ class Prefetcher(Generic[T]):
     def has_pending(self) -> bool:
         return self._pending is not None
 
-    def prefetch(self) -> None:
+    def prefetch(self, wait: Wait = contextlib.nullcontext) -> None:
         """Fetch the next batch and launch its staging now (no-op if one is already staged, or
-        when `ahead` is off). Call it while the device is busy."""
+        when `ahead` is off). Call it while the device is busy. `wait()` is entered around the
+        loader's `next()` alone (`PreemptionFlag.waiting`: a stop signal may cut it short)."""
         if self.ahead and self._pending is None and not self._exhausted:
             try:
-                self._pending = self._fetch_and_stage()
+                self._pending = self._fetch_and_stage(wait)
             except StopIteration:  # reported by the next __next__, not by this call
                 self._exhausted = True
 
     def __next__(self) -> Staged[T]:
+        return self.take()
+
+    def take(self, wait: Wait = contextlib.nullcontext) -> Staged[T]:
+        """The next staged batch (`next(feed)`); `wait` as in `prefetch`, for a batch that was
+        not staged ahead."""
         pending, self._pending = self._pending, None
         if pending is None:
             if self._exhausted:
                 raise StopIteration
-            pending = self._fetch_and_stage()
+            pending = self._fetch_and_stage(wait)
         value, snap, wait_s, event = pending
         if self._cuda:
             consumer = torch.cuda.current_stream(self.device)
@@ -118,19 +126,22 @@ class Prefetcher(Generic[T]):
             return self._unconsumed
         return self._snapshot() if self._snapshot is not None else None
 
-    def _fetch_and_stage(self) -> tuple[T, Any, float, Any]:
+    def _fetch_and_stage(self, wait: Wait) -> tuple[T, Any, float, Any]:
         snap = self._snapshot() if self._snapshot is not None else None
         try:
-            staged = self._fetch_and_stage_from(snap)
+            staged = self._fetch_and_stage_from(snap, wait)
         except BaseException:
             self._unconsumed = snap
             raise
         self._unconsumed = None
         return staged
 
-    def _fetch_and_stage_from(self, snap: Any) -> tuple[T, Any, float, Any]:
+    def _fetch_and_stage_from(self, snap: Any, wait: Wait) -> tuple[T, Any, float, Any]:
         start = time.perf_counter()
-        batch = next(self._batches)  # StopIteration ends the iteration as usual
+        # Only the loader's own wait may be cut short: never the staging below (a CUDA stream
+        # context or no_grad left half-entered would outlive the exception).
+        with wait():
+            batch = next(self._batches)  # StopIteration ends the iteration as usual
         wait_s = time.perf_counter() - start
         if not self._cuda:
             return self._stage(batch), snap, wait_s, None
