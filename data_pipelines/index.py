@@ -203,4 +203,6 @@ def _write(target: str, data: dict[str, Any]) -> None:
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled, leave=False)
+    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
+    return tqdm(total=total, desc=desc, unit="shard", disable=None if enabled else True,
+                leave=False)

@@ -71,7 +71,7 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
     """Re-read every shard listed in the manifest of `path` (a shard dir or its manifest.json).
 
     Raises `DataError` only when there is no such directory or no readable manifest; everything
-    else is reported. `progress`: a tqdm bar on stderr, one tick per shard.
+    else is reported. `progress`: a tqdm bar on stderr if it is a terminal, one tick per shard.
     """
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
@@ -105,8 +105,9 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="shard", disable=not enabled or total == 0,
-                dynamic_ncols=True, mininterval=0.5)
+    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
+    return tqdm(total=total, desc=desc, unit="shard",
+                disable=None if enabled and total else True, dynamic_ncols=True, mininterval=0.5)
 
 
 def _tick(bar: Any, check: ShardCheck, done: list[ShardCheck]) -> ShardCheck:

@@ -550,8 +550,9 @@ def _refuse_another_dataset(out: Path, identity: str) -> None:
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled or total == 0,
-                dynamic_ncols=True, mininterval=0.5)
+    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
+    return tqdm(total=total, unit="img", desc=desc,
+                disable=None if enabled and total else True, dynamic_ncols=True, mininterval=0.5)
 
 
 def _encoded_stream(todo: list[PlannedShard], class_names: list[str],

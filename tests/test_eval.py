@@ -23,6 +23,7 @@ from lsdr_repr.eval.finetune import count_labelled
 from lsdr_repr.eval.invariance import backbone_invariance_table
 from lsdr_repr.eval.online import online_knn
 from lsdr_repr.eval.report import demo_report, format_report
+from tests.terminal import final_bars, run_into_a_log, run_on_a_terminal
 from tests.test_export import make_run
 
 NUM_CLASSES = 5
@@ -258,11 +259,14 @@ def test_online_knn_leave_one_out_and_missing_labels(data, run, capsys):
                  str(data["val"]), "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unlabelled" in err
-    # with the bars on, the error is still one line of its own after the finished bar
-    code = main(["eval", "knn", str(run), "--train", str(data["unlabelled"]), "--val",
-                 str(data["val"]), "--workers", "0"])
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert code == 2 and last.startswith("lsdr: error: ") and "unlabelled" in last
+    # on a terminal, with the bars on, the error is still one line of its own after the
+    # finished bar (another --out: features not cached, so the bar is drawn)
+    done = run_on_a_terminal(["eval", "knn", str(run), "--train", str(data["unlabelled"]),
+                              "--val", str(data["val"]), "--workers", "0",
+                              "--out", str(run / "bars")])
+    assert f"features of {data['unlabelled']}" in final_bars(done.err), done.err
+    last = done.err.splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("lsdr: error: ") and "unlabelled" in last
 
 
 def _online_knn_worker(rank: int, port: int, run: str, sources: list[str], out: str) -> None:
@@ -300,45 +304,59 @@ def test_online_knn_on_two_ranks_scores_the_whole_set_on_each(data, run, tmp_pat
         assert all(abs(together[k] - one[k]) <= 1 / 24 + 1e-9 for k in one)
 
 
-def final_bars(err: str) -> dict[str, str]:
-    """The last frame of each tqdm bar in captured stderr, by its description."""
-    frames = [f.strip() for f in err.replace("\r", "\n").splitlines() if "|" in f]
-    return {f.split(":", 1)[0]: f for f in frames}
-
-
-def test_finetune_trains_a_new_head(data, run, capsys):
-    assert main(["eval", "finetune", str(run), "--train", str(data["train"]), "--val",
-                 str(data["val"]), "--epochs", "6", "--batch-size", "16", "--workers", "0",
-                 "--lr", "0.1"]) == 0
+def test_finetune_trains_a_new_head(data, run):
+    done = run_on_a_terminal(["eval", "finetune", str(run), "--train", str(data["train"]),
+                              "--val", str(data["val"]), "--epochs", "6", "--batch-size", "16",
+                              "--workers", "0", "--lr", "0.1"])
+    assert done.returncode == 0, done.err
     res = json.loads((run / "eval" / "finetune.json").read_text())
     assert res["details"]["steps"] == 18 and res["details"]["num_classes"] == 4
     # The new head and the backbone learn the colour classes (chance: 0.25).
     assert res["metrics"]["top1"] >= 0.9
-    # progress on stderr: every step (with its loss), then the 24 val images
-    bars = final_bars(capsys.readouterr().err)
+    # progress on the terminal: every step (with its loss), then the 24 val images
+    bars = final_bars(done.err)
     assert "100%" in bars["fine-tuning 6 epochs"] and "18/18" in bars["fine-tuning 6 epochs"]
     assert "loss=" in bars["fine-tuning 6 epochs"]
     assert "24/24" in bars[f"fine-tuned top-1 on {data['val']}"]
 
 
-def test_linear_and_invariance_show_progress_bars(data, run, capsys):
+def test_linear_and_invariance_show_progress_bars_on_a_terminal(data, run):
     common = ["--workers", "0", "--out", str(run / "bars")]
-    assert main(["eval", "linear", str(run), "--train", str(data["train"]), "--val",
-                 str(data["val"]), "--weight-decays", "1e-4,1e-2", *common]) == 0
-    bars = final_bars(capsys.readouterr().err)
+    done = run_on_a_terminal(["eval", "linear", str(run), "--train", str(data["train"]),
+                              "--val", str(data["val"]), "--weight-decays", "1e-4,1e-2", *common])
+    assert done.returncode == 0, done.err
+    bars = final_bars(done.err)
     # the train split (48 images, its total from the manifest), the val split, 2 + 1 fits
     assert "48/48" in bars[f"features of {data['train']}"]
     assert "24/24" in bars[f"features of {data['val']}"]
     assert "3/3" in bars["linear probe (L-BFGS fits)"]
-    assert main(["eval", "invariance", str(run), "--data", str(data["val"]), "--families",
-                 "rotate", "--reference", "none", "--max-images", "8", *common]) == 0
-    bars = final_bars(capsys.readouterr().err)
+    done = run_on_a_terminal(["eval", "invariance", str(run), "--data", str(data["val"]),
+                              "--families", "rotate", "--reference", "none", "--max-images", "8",
+                              *common])
+    assert done.returncode == 0, done.err
     cells = invariance.num_cells(("rotate",))
-    assert f"{cells}/{cells}" in bars["invariance of 8 images"]
-    # --no-progress: nothing on stderr but the log (no bar frames)
-    assert main(["eval", "linear", str(run), "--train", str(data["train"]), "--val",
-                 str(data["val"]), "--no-progress", *common]) == 0
-    assert not final_bars(capsys.readouterr().err)
+    assert f"{cells}/{cells}" in final_bars(done.err)["invariance of 8 images"]
+    # --no-progress: nothing on the terminal but the log (no bar frames)
+    done = run_on_a_terminal(["eval", "linear", str(run), "--train", str(data["train"]),
+                              "--val", str(data["val"]), "--no-progress", *common])
+    assert done.returncode == 0 and "INFO" in done.err
+    assert not final_bars(done.err) and "\r" not in done.err
+
+
+def test_no_progress_bars_are_drawn_into_a_log_file(data, run, tmp_path):
+    """stderr redirected to a file (SLURM's output, nohup's): the bars, whose redraws would
+    arrive joined by carriage returns, are left out; the log lines are all there."""
+    done = run_into_a_log(["eval", "linear", str(run), "--train", str(data["train"]), "--val",
+                           str(data["val"]), "--weight-decays", "1e-4,1e-2", "--workers", "0",
+                           "--out", str(run / "logged")], tmp_path / "eval.log")
+    assert done.returncode == 0, done.err
+    assert "top1" in done.out
+    assert "\r" not in done.err and not final_bars(done.err), done.err
+    assert "48/48" not in done.err and "L-BFGS" not in done.err
+    lines = done.err.splitlines()
+    assert all(" INFO " in line or " WARNING " in line for line in lines), lines
+    assert any(f"INFO lsdr_repr.eval.cache: features of {data['train']}: 48 x " in line
+               for line in lines), lines
 
 
 def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):

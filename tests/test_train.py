@@ -21,6 +21,7 @@ from wandb_history import read_wandb_history
 from lsdr_repr.checkpoint import load_checkpoint
 from lsdr_repr.cli import main
 from lsdr_repr.train import EXIT_DIVERGED, EXIT_PREEMPTED, resolve_compile_mode
+from tests.terminal import final_bars, run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,9 +196,10 @@ def test_nonfinite_losses_stop_without_overwriting_the_last_good_checkpoint(samp
 
 
 def test_train_from_an_image_folder_writes_shards_once_then_streams_them(image_folder, tmp_path,
-                                                                         capfd, caplog):
-    """`data.train_shards` naming an ImageFolder: shards under RUN_DIR on first use (a line and
-    a progress bar saying so), the run trains on them, and a second start reuses them."""
+                                                                         caplog):
+    """`data.train_shards` naming an ImageFolder: shards under RUN_DIR on first use (a line and,
+    on a terminal, a progress bar saying so), the run trains on them, and a second start reuses
+    them."""
     import logging
 
     run_dir = tmp_path / "run"
@@ -205,13 +207,12 @@ def test_train_from_an_image_folder_writes_shards_once_then_streams_them(image_f
             *TINY, "train.total_steps=2", "train.log_every=1", "train.image_grid_every=0",
             "train.spectrum_every=0", "train.eval_every=0", "log.wandb.mode=disabled",
             "data.num_workers=0", "log.progress=true"]
-    with caplog.at_level(logging.INFO):
-        assert main(args) == 0
+    done = run_on_a_terminal(args)
+    assert done.returncode == 0, done.err
     shards = run_dir / "shards" / "train"
     assert f"data.train_shards={image_folder} is an image folder: writing it to shards in " \
-           f"{shards}" in caplog.text
-    err = capfd.readouterr().err
-    assert f"writing {shards}" in err and "24/24" in err  # the writer's bar, every image
+           f"{shards}" in done.err
+    assert "24/24" in final_bars(done.err)[f"writing {shards}"]  # the writer's bar, every image
     manifest = json.loads((shards / "manifest.json").read_text())
     assert sum(s["num_samples"] for s in manifest["shards"]) == 24
     assert checkpoint_steps(run_dir) == [2]

@@ -15,6 +15,7 @@ from data_pipelines.writer import write_shards
 from lsdr_repr.cli import main as lsdr_main
 from lsdr_repr.errors import DataError
 from lsdr_repr.files import sha256_file
+from tests.terminal import final_bars, run_into_a_log, run_on_a_terminal
 
 
 @pytest.fixture
@@ -112,12 +113,17 @@ def test_missing_or_invalid_manifest_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_cli_verify_ok(shards, capsys, workers):
-    assert lsdr_main(["shards", "verify", str(shards), "--workers", str(workers)]) == 0
-    captured = capsys.readouterr()
-    assert "3 shards, 24 good samples, 0 bad: OK" in captured.out
-    # tqdm's bar on stderr: one tick per shard, the sample counts as it goes
-    final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
-    assert f"verifying {shards}" in final and "3/3" in final and "bad=0, good=24" in final
-    assert lsdr_main(["shards", "verify", str(shards), "--no-progress"]) == 0
-    assert capsys.readouterr().err == ""
+def test_cli_verify_ok_draws_a_bar_on_a_terminal(shards, workers):
+    done = run_on_a_terminal(["shards", "verify", str(shards), "--workers", str(workers)])
+    assert done.returncode == 0 and "3 shards, 24 good samples, 0 bad: OK" in done.out
+    # tqdm's bar on the terminal (stderr): one tick per shard, the sample counts as it goes
+    final = final_bars(done.err)[f"verifying {shards}"]
+    assert "3/3" in final and "bad=0, good=24" in final
+
+
+def test_cli_verify_draws_no_bar_with_no_progress_or_into_a_log_file(shards, tmp_path):
+    done = run_on_a_terminal(["shards", "verify", str(shards), "--no-progress"])
+    assert (done.returncode, done.err) == (0, "") and "0 bad: OK" in done.out
+    # stderr redirected to a file (SLURM's output, nohup's): no bar, and nothing else to say
+    done = run_into_a_log(["shards", "verify", str(shards)], tmp_path / "verify.log")
+    assert (done.returncode, done.err) == (0, "") and "0 bad: OK" in done.out

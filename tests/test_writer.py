@@ -24,6 +24,7 @@ from data_pipelines.writer import parse_size, plan_shards, scan_source, write_sh
 from lsdr_repr.cli import main as lsdr_main
 from lsdr_repr.errors import DataError
 from lsdr_repr.files import sha256_file
+from tests.terminal import final_bars, run_into_a_log, run_on_a_terminal
 
 
 def tar_members(path: Path) -> dict[str, bytes]:
@@ -436,3 +437,17 @@ def test_writing_into_the_shards_of_another_dataset_is_refused_without_overwrite
                       "--overwrite"])
     assert code == 0 and read_manifest(out).num_samples == 3
 
+
+def test_the_bar_is_drawn_on_a_terminal_only(image_folder, tmp_path):
+    """On a terminal the writer's bar counts the images; with stderr redirected to a file (a
+    SLURM log, nohup's) tqdm's redraws would arrive joined by carriage returns, so no bar is
+    drawn there. The summary lines are printed either way."""
+    out = tmp_path / "tty"
+    done = run_on_a_terminal(["shards", "write", str(image_folder), str(out), "--workers", "1"])
+    assert done.returncode == 0 and "wrote 24 samples" in done.out
+    assert "24/24" in final_bars(done.err)[f"writing {out}"]
+    out = tmp_path / "logged"
+    done = run_into_a_log(["shards", "write", str(image_folder), str(out), "--workers", "1"],
+                          tmp_path / "write.log")
+    assert done.returncode == 0 and "wrote 24 samples" in done.out
+    assert done.err == ""  # nothing to log on success, and no bar
