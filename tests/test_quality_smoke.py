@@ -114,3 +114,18 @@ def test_reference_rows_train_outside_the_product(tmp_path, sample_shards):
     # 768 raw pixel features of 48 images: close to the full rank the 48 samples allow
     assert report["runs"][2]["metrics"]["rankme"] > 20
     assert "| plain-vicreg | reference: plain-vicreg | - | 1 |" in report["table"]
+
+
+def test_plain_script_chunks_draw_the_steps_batches_in_order():
+    """The plain script augments several steps per kornia call; the steps still see the same
+    index draws, in order, and the last chunk holds the remainder."""
+    import torch
+    from references import _batches, _chunks
+
+    def draws(n_steps: int, chunk: int) -> list[list[torch.Tensor]]:
+        return list(_chunks(100, 8, n_steps, torch.Generator().manual_seed(3), chunk))
+
+    plain = list(_batches(100, 8, 37, torch.Generator().manual_seed(3)))
+    groups = draws(37, 16)
+    assert [len(g) for g in groups] == [16, 16, 5]
+    assert all(torch.equal(a, b) for a, b in zip([t for g in groups for t in g], plain, strict=True))

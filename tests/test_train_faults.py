@@ -65,9 +65,19 @@ class Cli:
 
     def __init__(self, args: list[str], new_session: bool = False) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lsdr_repr", *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session)
+        # new_session: the process is a terminal's foreground job, whose Ctrl-C it handles. A
+        # suite started in the background of a script has SIGINT ignored, which the child would
+        # inherit (and keep, by design), so it is spawned with the foreground job's default.
+        previous = signal.getsignal(signal.SIGINT)
+        if new_session:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lsdr_repr", *args], cwd=REPO, env=env, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session)
+        finally:
+            if new_session and previous is not None:  # None: a handler not set from Python
+                signal.signal(signal.SIGINT, previous)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -332,6 +342,9 @@ def test_a_stop_signal_cuts_only_a_wait_for_data_short():
 
 
 def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():
+    # Python's own Ctrl-C, as in a foreground process (a suite run in the background of a
+    # script inherits SIGINT ignored, which the flag would rightly leave alone)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     flag = PreemptionFlag("SIGUSR2", interrupt=True)
     try:
         with pytest.raises(KeyboardInterrupt):  # start-up: nothing to save
@@ -347,6 +360,7 @@ def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():
             send_sigint_to_self()
     finally:
         flag.close()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_is_left_alone_where_it_is_not_asked_for_or_inherited_ignored():
