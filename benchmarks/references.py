@@ -30,10 +30,11 @@ def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
         yield torch.randint(0, n, (batch,), generator=generator)
 
 
-# Steps whose views one kornia call draws. At 32 px a kornia.augmentation call costs its
-# per-call Python and launch overhead, not pixels: the eager loop ran ~3 steps/s with one call
-# per step. Every sample still gets its own independent parameters, so chunking changes the
-# speed, not the recipe.
+# Steps whose views one kornia call draws. With one call per step the eager loop ran about
+# 3 steps/s on a shared H200: at 32 px a call's pixel work is small beside its fixed work
+# (parameter sampling in Python, dozens of small launches), which a 16-step call pays once.
+# Every sample still gets its own independent parameters, so chunking changes the speed, not
+# the recipe.
 AUGMENT_CHUNK = 16
 
 
