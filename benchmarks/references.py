@@ -30,19 +30,26 @@ def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
         yield torch.randint(0, n, (batch,), generator=generator)
 
 
-# Steps whose views one kornia call draws. With one call per step the eager loop ran about
-# 3 steps/s on a shared H200: at 32 px a call's pixel work is small beside its fixed work
-# (parameter sampling in Python, dozens of small launches), which a 16-step call pays once.
-# Every sample still gets its own independent parameters, so chunking changes the speed, not
-# the recipe.
+# Steps whose views one kornia call draws, at 32 px (fewer for larger images: the chunk's
+# views stay about as large as 16 steps' at 32 px). With one call per step the eager loop ran
+# about 3 steps/s on a shared H200: at 32 px a call's pixel work is small beside its fixed work
+# (parameter sampling in Python, dozens of small launches), which a 16-step call pays once (not
+# yet timed on a GPU). Every sample still gets its own crop, angle and jitter strengths; what
+# a call shares is ColorJitter's order of its four operations (one permutation per call), and
+# torch's random stream is drawn in another order than with one call per step, so earlier
+# rows are reproduced in distribution, not bit for bit.
 AUGMENT_CHUNK = 16
+
+
+def _chunk_steps(size: int) -> int:
+    return max(1, AUGMENT_CHUNK * 32 * 32 // (size * size))
 
 
 def _chunks(n: int, batch: int, steps: int, generator: torch.Generator, chunk: int):
     """Lists of up to `chunk` consecutive steps' index tensors (the same draws as _batches)."""
-    indices = list(_batches(n, batch, steps, generator))
+    draws = _batches(n, batch, steps, generator)
     for start in range(0, steps, chunk):
-        yield indices[start:start + chunk]
+        yield [next(draws) for _ in range(min(chunk, steps - start))]
 
 
 def _normalize(x01: torch.Tensor, mean, std) -> torch.Tensor:
@@ -86,7 +93,7 @@ def plain_vicreg(images: torch.Tensor, *, arch: str, steps: int, batch: int, see
     amp = device.type == "cuda"
     backbone.train()
     projector.train()
-    for group in _chunks(len(images), batch, steps, gen, AUGMENT_CHUNK):
+    for group in _chunks(len(images), batch, steps, gen, _chunk_steps(size)):
         x = images[torch.cat(group).to(device)].float() / 255.0
         with torch.no_grad():
             # one call draws independent parameters for both views of every image of the

@@ -27,6 +27,7 @@ from data_pipelines.manifest import (
     ShardInfo,
     write_json_atomic,
 )
+from data_pipelines.progress import make_progress
 from data_pipelines.sources import (
     filesystem,
     is_remote,
@@ -201,8 +202,5 @@ def _write(target: str, data: dict[str, Any]) -> None:
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
-    return tqdm(total=total, desc=desc, unit="shard", disable=None if enabled else True,
-                leave=False)
+    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
+    return make_progress(total, desc, "shard", enabled, leave=False)

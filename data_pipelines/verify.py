@@ -19,6 +19,7 @@ from webdataset.tariterators import base_plus_ext
 
 from data_pipelines.images import DEFAULT_MAX_PIXELS, BadImage, open_image, pixel_limit
 from data_pipelines.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest_file
+from data_pipelines.progress import make_progress
 from lsdr_repr.errors import DataError
 from lsdr_repr.files import sha256_file
 
@@ -103,11 +104,9 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
-    return tqdm(total=total, desc=desc, unit="shard",
-                disable=None if enabled and total else True, dynamic_ncols=True, mininterval=0.5)
+    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
+    return make_progress(total, desc, "shard", enabled and total > 0, dynamic_ncols=True,
+                         mininterval=0.5)
 
 
 def _tick(bar: Any, check: ShardCheck, done: list[ShardCheck]) -> ShardCheck:

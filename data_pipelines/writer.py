@@ -50,6 +50,7 @@ from data_pipelines.manifest import (
     write_json_atomic,
     write_manifest,
 )
+from data_pipelines.progress import make_progress
 from lsdr_repr import __version__
 from lsdr_repr.errors import DataError
 from lsdr_repr.files import fsync_dir, sha256_file
@@ -548,11 +549,9 @@ def _refuse_another_dataset(out: Path, identity: str) -> None:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    # disable=None: drawn on a terminal only (tqdm asks the stream's isatty()), not into a log
-    return tqdm(total=total, unit="img", desc=desc,
-                disable=None if enabled and total else True, dynamic_ncols=True, mininterval=0.5)
+    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
+    return make_progress(total, desc, "img", enabled and total > 0, dynamic_ncols=True,
+                         mininterval=0.5)
 
 
 def _encoded_stream(todo: list[PlannedShard], class_names: list[str],

@@ -343,12 +343,13 @@ def _rand(
 # ---------------------------------------------------------------------------------- module
 def _view_graph(
     images: Tensor, u: Tensor, luma: Tensor, scale: Tensor | None, bias: Tensor | None, *,
-    spec: ViewSpec, channels_last: bool, blur_dtype: torch.dtype,
+    spec: ViewSpec, channels_last: bool, blur_dtype: torch.dtype, render_dtype: torch.dtype,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Sampling + rendering of one view as one function: what `compile=True` compiles."""
     tensors = sample_view(u, spec)
     view = render(
-        to_float01(images), *tensors[:ViewParams.RENDERED], spec=spec.render_spec(), luma=luma,
+        to_float01(images, render_dtype), *tensors[:ViewParams.RENDERED], spec=spec.render_spec(),
+        luma=luma,
         norm_scale=scale, norm_bias=bias, channels_last=channels_last, blur_dtype=blur_dtype,
     )
     return view, tensors
@@ -362,9 +363,10 @@ class GpuAugment(nn.Module):
     pairs applied after the built-in ops (`lsdr_repr.builders.augment.build_augment` makes these
     from `cfg.augment`). compile: run each view (sampling + rendering) as one torch.compile'd
     graph (one graph per distinct view spec); compile_mode is passed to torch.compile.
-    channels_last: output memory format (None: channels_last on CUDA only). `stage_hook(name)`
-    (eager only) is called after each stage, for profiling. The module has no parameters and
-    no persistent state.
+    channels_last: output memory format (None: channels_last on CUDA only). render_dtype: the
+    dtype the views are rendered in before normalisation (`augment.precision`; the output is
+    float32 either way). `stage_hook(name)` (eager only) is called after each stage, for
+    profiling. The module has no parameters and no persistent state.
     """
 
     def __init__(
@@ -377,6 +379,7 @@ class GpuAugment(nn.Module):
         compile: bool = False,
         compile_mode: str | None = None,
         channels_last: bool | None = None,
+        render_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.specs = list(specs)
@@ -386,6 +389,7 @@ class GpuAugment(nn.Module):
         self.compile = compile
         self.compile_mode = compile_mode
         self.channels_last = channels_last
+        self.render_dtype = render_dtype
         self.stage_hook: StageHook = None
         self.last_params: list[ViewParams] = []
         self._graphs: dict[tuple, object] = {}
@@ -431,8 +435,8 @@ class GpuAugment(nn.Module):
         self._check_images(images)
         hw = None if out_size is None else _hw(out_size)
         if not params.kornia_params:
-            return self._render(to_float01(images), params, hw, normalize=True)
-        view = self._render(to_float01(images), params, hw, normalize=False)
+            return self._render(to_float01(images, self.render_dtype), params, hw, normalize=True)
+        view = self._render(to_float01(images, self.render_dtype), params, hw, normalize=False)
         return self._normalize(self._kornia(view, params, replay=True))
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -442,7 +446,8 @@ class GpuAugment(nn.Module):
         luma, scale, bias = self._consts(device)
         hook = self.stage_hook
         views, params = [], []
-        source = None if self.compile else to_float01(images)  # shared by the eager views
+        # shared by the eager views
+        source = None if self.compile else to_float01(images, self.render_dtype)
         if hook is not None and not self.compile:
             hook("to_float")
         for index, spec in enumerate(self.specs):
@@ -517,7 +522,7 @@ class GpuAugment(nn.Module):
 
     def _graph(self, spec: ViewSpec, device: torch.device, extra: bool):
         channels_last, blur_dtype = self._layout(device)
-        key = (spec, channels_last, blur_dtype, device.type, extra)
+        key = (spec, channels_last, blur_dtype, self.render_dtype, device.type, extra)
         if key not in self._graphs:
             # Every view spec is a recompile of the one `_view_graph` code object; dynamo's
             # default limit (8) is reached by a few augmenters in one process (a benchmark, a
@@ -525,7 +530,8 @@ class GpuAugment(nn.Module):
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, 8 * (len(self._graphs) + 1))
             fn = functools.partial(
-                _view_graph, spec=spec, channels_last=channels_last, blur_dtype=blur_dtype
+                _view_graph, spec=spec, channels_last=channels_last, blur_dtype=blur_dtype,
+                render_dtype=self.render_dtype,
             )
             self._graphs[key] = torch.compile(fn, dynamic=False, mode=self.compile_mode)
         return self._graphs[key]

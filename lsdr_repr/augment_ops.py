@@ -37,11 +37,13 @@ LUMA = (0.299, 0.587, 0.114)
 StageHook = Callable[[str], None] | None
 
 
-def to_float01(images: Tensor) -> Tensor:
-    """uint8 [B,3,H,W] in 0..255 -> float32 [B,3,H,W] in [0,1]; float input is cast to float32."""
+def to_float01(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 [B,3,H,W] in 0..255 -> `dtype` [B,3,H,W] in [0,1]; float input is cast to it."""
     if images.dtype == torch.uint8:
-        return images * (1.0 / 255.0)  # one kernel: uint8 * python float promotes to float32
-    return images.float()
+        if dtype == torch.float32:
+            return images * (1.0 / 255.0)  # one kernel: uint8 * python float promotes to float32
+        return images.to(dtype) * (1.0 / 255.0)
+    return images.to(dtype)
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -138,12 +140,14 @@ def warp(
     fills (kornia's `warp_affine` takes one padding mode per call; `warp_kornia` is that path).
     """
     in_hw = (x.shape[2], x.shape[3])
+    # folding and coverage in float32 whatever x is; grid_sample then reads x's dtype (float16
+    # coordinates are 1/16 pixel apart at 256 px, fine for a random crop)
     grid = F.affine_grid(
-        theta.to(x.dtype), [x.shape[0], x.shape[1], out_hw[0], out_hw[1]], align_corners=False
+        theta.float(), [x.shape[0], x.shape[1], out_hw[0], out_hw[1]], align_corners=False
     )
     grid = fold_grid(grid, fill_kind, in_hw)
-    y = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    missing = 1.0 - grid_coverage(grid, in_hw)  # 0 wherever folding kept the grid inside
+    y = F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+    missing = (1.0 - grid_coverage(grid, in_hw)).to(y.dtype)  # 0 where folding kept it inside
     return y + missing * fill_color.to(y.dtype)[:, :, None, None]
 
 

@@ -482,16 +482,14 @@ def labelled_grid(images: torch.Tensor, nrow: int | None, row_labels: list[str] 
 @contextlib.contextmanager
 def progress_bar(total: int | None, desc: str, unit: str = "it",
                  enabled: bool = True) -> Iterator[Any]:
-    """A tqdm bar on stderr for one long pass (feature extraction, probes, invariance,
-    fine-tuning), with log lines printed above it instead of glued onto it. Drawn only when
-    stderr is a terminal: a log file or a pipe (SLURM's output, nohup's) would get every redraw,
-    joined by carriage returns. `enabled=False`, or stderr not a terminal, gives a bar that
-    draws nothing, so callers update it unconditionally."""
-    from tqdm.auto import tqdm
+    """Progress of one long pass (feature extraction, probes, invariance, fine-tuning): a tqdm
+    bar on a terminal, with log lines printed above it instead of glued onto it; where stderr is
+    a log file or a pipe (SLURM's output, nohup's), a log line at most every 30 s instead of
+    every redraw (`data_pipelines.progress`). `enabled=False` gives a bar that draws nothing, so
+    callers update it unconditionally. The finished bar stays on screen."""
+    from data_pipelines.progress import make_progress
 
-    # disable=None: tqdm draws only if the stream's isatty(); the finished bar stays on screen
-    bar = tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True,
-               dynamic_ncols=True, mininterval=0.5)
+    bar = make_progress(total, desc, unit, enabled, dynamic_ncols=True, mininterval=0.5)
     try:
         with _logs_above_bars(not bar.disable):
             yield bar

@@ -556,3 +556,26 @@ def test_benchmark_runs_on_cpu_with_tiny_sizes(tmp_path):
     stages = report["stages_ms"]["ours-eager/equivalent"]
     assert {"sample", "warp", "color", "blur", "normalize"} <= set(stages)
     assert "RandomGaussianBlur" in report["stages_ms"]["kornia"]
+
+
+def test_float16_rendering_draws_the_same_views_to_within_rounding():
+    """augment.precision=fp16 renders in float16 (measured faster on a GPU) and hands out the
+    same float32 views as fp32 rendering, up to float16 rounding: same parameters, under a grey
+    level apart on average (solarize thresholds and near-grey hues may flip single pixels)."""
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    views, params = {}, {}
+    for precision in ("fp32", "fp16"):
+        aug = build_augment(make_cfg(preset="lsdr-invariance", crop_size=48, precision=precision,
+                                     fill=["reflection", "zeros", 0.5]))
+        views[precision] = aug(images, generator=torch.Generator().manual_seed(0))
+        params[precision] = aug.last_params
+    for v32, v16, p32, p16 in zip(views["fp32"], views["fp16"], params["fp32"], params["fp16"],
+                                  strict=True):
+        assert v16.dtype == torch.float32 and v16.shape == v32.shape
+        assert not torch.equal(v16, v32)  # rendered in float16 indeed
+        assert all(torch.equal(a, b) for a, b in zip(p32.tensors(), p16.tensors(), strict=True))
+        diff = (aug.denormalize(v32) - aug.denormalize(v16)).abs()
+        assert float(diff.mean()) < 1 / 255 and float(diff.median()) < 0.5 / 255
+    with pytest.raises(ConfigError, match="precision"):
+        make_cfg(precision="bf16")

@@ -375,11 +375,17 @@ def test_finetune_counts_shards_without_a_manifest(data, run, tmp_path):
     assert res["details"]["steps"] == with_manifest[0] // 16
 
 
-def test_cli_defaults_and_errors(run, capsys):
+def test_cli_defaults_and_errors(run, capsys, tmp_path):
     # The run's config has no data.val_shards: the flag must be given.
     assert main(["eval", "knn", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--val/--data is required" in err
+    # An export knows no data at all: both flags are named in the one line.
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "knn", str(tmp_path / "exported"), "--out", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--train and --val/--data are required" in err, err
     assert main(["eval", "rank", str(run / "nothing-here")]) == 2
     assert "no such run directory" in capsys.readouterr().err
 

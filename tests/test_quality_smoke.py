@@ -129,3 +129,22 @@ def test_plain_script_chunks_draw_the_steps_batches_in_order():
     groups = draws(37, 16)
     assert [len(g) for g in groups] == [16, 16, 5]
     assert all(torch.equal(a, b) for a, b in zip([t for g in groups for t in g], plain, strict=True))
+
+
+def test_plain_script_takes_one_optimiser_step_per_step_across_chunks(monkeypatch):
+    """5 steps in chunks of 2 (2 + 2 + 1): five updates, a loss per step, a backbone back."""
+    import references
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    monkeypatch.setattr(references, "_chunk_steps", lambda size: 2)
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+        backbone = references.plain_vicreg(images, arch="resnet10t", steps=5, batch=4, seed=0,
+                                           mean=(0.5,) * 3, std=(0.5,) * 3)
+    finally:
+        handle.remove()
+    assert len(steps) == 5
+    assert not backbone.training and backbone(torch.zeros(2, 3, 16, 16)).shape[0] == 2

@@ -360,7 +360,8 @@ def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():
             send_sigint_to_self()
     finally:
         flag.close()
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler not set from Python, which cannot be restored
+            signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_is_left_alone_where_it_is_not_asked_for_or_inherited_ignored():

@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from lsdr_repr import kornia_ops
 from lsdr_repr.augment import FILL_NAMES, GpuAugment, ViewSpec
 from lsdr_repr.augment_ops import DEFAULT_IMPL, STAGES, Impl
 from lsdr_repr.config import AugmentConfig
 from lsdr_repr.errors import ConfigError
+
+RENDER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # augment.precision
 
 
 def _check_p(name: str, p: float) -> None:
@@ -134,6 +138,7 @@ def build_augment(aug_cfg: AugmentConfig, *, impl: Impl | None = None, **kwargs:
     total = aug_cfg.num_views + aug_cfg.local_crops
     return GpuAugment(
         [view_spec(aug_cfg, i, impl) for i in range(total)], aug_cfg.mean, aug_cfg.std,
+        render_dtype=RENDER_DTYPES[aug_cfg.precision],
         kornia=[(module, kornia_ops.views_of(entry, total))
                 for module, entry in zip(kornia_ops.build(aug_cfg.kornia), aug_cfg.kornia,
                                          strict=True)],

@@ -34,7 +34,8 @@ def register(sub) -> None:
         q.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
         q.add_argument("--batch-size", type=at_least(1), default=128)
         q.add_argument("--workers", type=at_least(0), default=2, help="reader worker processes")
-        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        q.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (off a terminal: no progress lines)")
 
     def labelled(q: argparse.ArgumentParser) -> None:
         q.add_argument("--train", default=None, help="labelled shards or ImageFolder "
@@ -124,21 +125,28 @@ def _setup(args: argparse.Namespace) -> Any:
                      progress=not args.no_progress)
 
 
-def _default_data(ev: Any, given: str | None, field: str) -> str:
+_DATA_FLAGS = {"train_shards": "--train", "val_shards": "--val/--data"}
+
+
+def _default_data(ev: Any, given: str | None, field: str) -> str | None:
+    """The flag's value, else the run config's data.FIELD, else None."""
     if given:
         return given
     cfg = ev.trained.config
-    value = getattr(cfg.data, field, None) if cfg is not None else None
-    if not value:
-        flag = {"train_shards": "--train", "val_shards": "--val/--data"}[field]
-        raise ConfigError(f"{flag} is required (the source has no data.{field})")
-    return value
+    return getattr(cfg.data, field, None) if cfg is not None else None
 
 
 def _data_args(ev: Any, *given: tuple[str | None, str]) -> list[str]:
     """`_default_data` for each (flag value, config field), then every default taken from the
-    run's config checked to exist, all before the first feature is computed."""
+    run's config checked to exist, all before the first feature is computed. Every missing
+    flag is named in the one error line."""
     values = [_default_data(ev, value, field) for value, field in given]
+    missing = [field for (_, field), value in zip(given, values, strict=True) if not value]
+    if missing:
+        flags = " and ".join(_DATA_FLAGS[field] for field in missing)
+        fields = ", ".join(f"data.{field}" for field in missing)
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"{flags} {verb} required (the source has no {fields})")
     for (value, field), resolved in zip(given, values, strict=True):
         if not value:
             _check_data_exists(resolved, f"the source's data.{field}")

@@ -52,7 +52,8 @@ def register(sub) -> None:
                    "are left out and reported; loops and repeats are always listed once)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards of another source in OUT (refused otherwise)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (off a terminal: no progress lines)")
     p.set_defaults(handler=_cmd_write)
 
     p = add(sub, "index",
@@ -66,7 +67,8 @@ def register(sub) -> None:
                    "required for http(s) shards)")
     p.add_argument("--workers", type=int, default=4, metavar="N",
                    help="shards streamed in parallel (threads; default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (off a terminal: no progress lines)")
     p.set_defaults(handler=_cmd_index)
 
     p = add(sub, "verify",
@@ -74,7 +76,8 @@ def register(sub) -> None:
             "decodes. Exit status 1 when anything is wrong.",
             "lsdr shards verify data/imagenet/train --workers 8")
     p.add_argument("out", help="shard directory (or its manifest.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (off a terminal: no progress lines)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="shards checked in parallel (default: %(default)s)")
     p.set_defaults(handler=_cmd_verify)
