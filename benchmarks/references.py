@@ -33,11 +33,12 @@ def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
 # Steps whose views one kornia call draws, at 32 px (fewer for larger images: the chunk's
 # views stay about as large as 16 steps' at 32 px). With one call per step the eager loop ran
 # about 3 steps/s on a shared H200: at 32 px a call's pixel work is small beside its fixed work
-# (parameter sampling in Python, dozens of small launches), which a 16-step call pays once (not
-# yet timed on a GPU). Every sample still gets its own crop, angle and jitter strengths; what
-# a call shares is ColorJitter's order of its four operations (one permutation per call), and
-# torch's random stream is drawn in another order than with one call per step, so earlier
-# rows are reproduced in distribution, not bit for bit.
+# (parameter sampling in Python, dozens of small launches), which a 16-step call pays once:
+# 22.5 steps/s alone on an H100 (benchmarks/RESULTS.md, thirteenth session). Every sample
+# still gets its own crop, angle and jitter strengths; what a call shares is ColorJitter's
+# order of its four operations (one permutation per call), and torch's random stream is drawn
+# in another order than with one call per step, so earlier rows are reproduced in
+# distribution, not bit for bit.
 AUGMENT_CHUNK = 16
 
 

@@ -124,7 +124,7 @@ class AugmentConfig:
     upscale: bool = False
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resampling of the crop warp
     # the dtype the views are rendered in before they are normalised (float32 out either way):
-    # fp16 made the ViT-S/16 preset 0.85 ms per step faster on an H100 (4.38 -> 3.53 ms;
+    # fp16 made the ViT-S/16 preset 0.76 ms per step faster on an H100 (4.39 -> 3.63 ms;
     # benchmarks/RESULTS.md, "Issue 18, thirteenth session"), not yet run end to end
     precision: Literal["fp32", "fp16"] = "fp32"
     local_crops: int = 0  # multi-crop: extra small views
