@@ -365,11 +365,13 @@ def test_bad_images_raise_value_error():
 
 
 # ------------------------------------------------------------------------------- compile
-def test_view_graph_traces_as_one_graph_and_matches_eager():
-    aug = build_augment(make_cfg(preset="lsdr-invariance", crop_size=12,
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_view_graph_traces_as_one_graph_and_matches_eager(precision):
+    aug = build_augment(make_cfg(preset="lsdr-invariance", crop_size=12, precision=precision,
                                  rotation={"border": "crop"}))
     spec = aug.specs[1]  # blur, solarize, gamma, crop-to-fit: every stage
-    fn = functools.partial(_view_graph, spec=spec, channels_last=False, blur_dtype=torch.float32)
+    fn = functools.partial(_view_graph, spec=spec, channels_last=False, blur_dtype=torch.float32,
+                           render_dtype=aug.render_dtype)
     x, u = images(2, 16), torch.rand(2, NUM_UNIFORMS, generator=gen(0))
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
     view, tensors = compiled(x, u, aug.luma, aug.norm_scale, aug.norm_bias)
