@@ -131,7 +131,8 @@ def build_index(spec: str, out: str | None = None, workers: int = 4, progress: b
     if len(set(names)) != len(names):
         raise DataError(f"{spec}: two shards have the same file name")
 
-    bar = _progress(len(urls), progress, f"indexing {spec}")
+    # a bar on a terminal, a log line at most every 30 s elsewhere
+    bar = make_progress(len(urls), f"indexing {spec}", "shard", progress, leave=False)
     results: list[tuple[ShardInfo, int]] = []
     try:
         with cf.ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
@@ -200,7 +201,3 @@ def _write(target: str, data: dict[str, Any]) -> None:
     except Exception as exc:  # noqa: BLE001 (each fsspec filesystem raises its own types)
         raise DataError(f"{target}: cannot write the manifest ({exc})") from None
 
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
-    return make_progress(total, desc, "shard", enabled, leave=False)

@@ -72,7 +72,8 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
     """Re-read every shard listed in the manifest of `path` (a shard dir or its manifest.json).
 
     Raises `DataError` only when there is no such directory or no readable manifest; everything
-    else is reported. `progress`: a tqdm bar on stderr if it is a terminal, one tick per shard.
+    else is reported. `progress`: one tick per shard, a bar on a terminal and a log line at most
+    every 30 s elsewhere (`data_pipelines.progress`).
     """
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
@@ -82,7 +83,8 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
     manifest = load_manifest_file(path if path.suffix == ".json" else path / MANIFEST_NAME)
     jobs = [(str(manifest.root / s.name), s, manifest.labelled, max_pixels)
             for s in manifest.shards]
-    bar = _progress(len(jobs), progress, f"verifying {manifest.root}")
+    bar = make_progress(len(jobs), f"verifying {manifest.root}", "shard", progress and bool(jobs),
+                        dynamic_ncols=True, mininterval=0.5)
     checks: list[ShardCheck] = []
     try:
         if workers > 1 and len(jobs) > 1:
@@ -101,12 +103,6 @@ def verify_shards(path: str | os.PathLike, workers: int = 1,
         if not check.ok:
             log.warning("%s: %s", check.name, "; ".join(check.problems[:3]) or "bad samples")
     return VerifyReport(manifest.root, manifest, checks, extra)
-
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
-    return make_progress(total, desc, "shard", enabled and total > 0, dynamic_ncols=True,
-                         mininterval=0.5)
 
 
 def _tick(bar: Any, check: ShardCheck, done: list[ShardCheck]) -> ShardCheck:

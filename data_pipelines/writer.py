@@ -498,7 +498,8 @@ def write_shards(
 
     names = source.class_names
     total = sum(len(s.items) for s in todo)
-    bar = _progress(total, progress, f"writing {out}")
+    bar = make_progress(total, f"writing {out}", "img", progress and total > 0,
+                        dynamic_ncols=True, mininterval=0.5)
     results = _encoded_stream(todo, names, encode_options, workers)
     try:
         for shard in todo:
@@ -546,12 +547,6 @@ def _refuse_another_dataset(out: Path, identity: str) -> None:
     what = f"the shards of {recorded}" if recorded else f"{len(shards)} shards of unknown origin"
     raise DataError(f"{out}: holds {what}, not of {identity}; writing here would replace them "
                     "(use --overwrite, or another output directory)")
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    # a bar on a terminal, log lines at most every 30 s elsewhere (data_pipelines.progress)
-    return make_progress(total, desc, "img", enabled and total > 0, dynamic_ncols=True,
-                         mininterval=0.5)
 
 
 def _encoded_stream(todo: list[PlannedShard], class_names: list[str],

@@ -348,9 +348,9 @@ def _view_graph(
     """Sampling + rendering of one view as one function: what `compile=True` compiles."""
     tensors = sample_view(u, spec)
     view = render(
-        to_float01(images, render_dtype), *tensors[:ViewParams.RENDERED], spec=spec.render_spec(),
-        luma=luma,
-        norm_scale=scale, norm_bias=bias, channels_last=channels_last, blur_dtype=blur_dtype,
+        to_float01(images, render_dtype), *tensors[:ViewParams.RENDERED],
+        spec=spec.render_spec(), luma=luma, norm_scale=scale, norm_bias=bias,
+        channels_last=channels_last, blur_dtype=blur_dtype,
     )
     return view, tensors
 

@@ -1,7 +1,8 @@
 """Run the real `lsdr` command with its stderr on a pseudo-terminal, as in a user's shell.
 
-The progress bars are drawn on a terminal only (tqdm's `disable=None` asks the stream's
-isatty()), so a test that reads a bar needs stderr to be one: a pty, not pytest's capture.
+The progress bars are drawn on a terminal only (`data_pipelines.progress` asks stderr's
+isatty(); elsewhere it logs lines), so a test that reads a bar needs stderr to be one: a pty,
+not pytest's capture.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ and one line naming the culprit (issue 15)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,18 @@ def small(sample_shards: dict[str, Path], run_dir: Path, *extra: str) -> list[st
             f"train.run_dir={run_dir}", *SMALL, *extra]
 
 
+@contextlib.contextmanager
+def sigint_handler(handler) -> Iterator[None]:
+    """SIGINT handled by `handler` inside the block, the previous handler back after it (unless
+    that one was not set from Python: getsignal gives None and it cannot be restored)."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 class Cli:
     """`python -m lsdr_repr ...` in a real process; its output collected by a thread."""
 
@@ -68,16 +82,10 @@ class Cli:
         # new_session: the process is a terminal's foreground job, whose Ctrl-C it handles. A
         # suite started in the background of a script has SIGINT ignored, which the child would
         # inherit (and keep, by design), so it is spawned with the foreground job's default.
-        previous = signal.getsignal(signal.SIGINT)
-        if new_session:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
+        with sigint_handler(signal.SIG_DFL) if new_session else contextlib.nullcontext():
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lsdr_repr", *args], cwd=REPO, env=env, text=True,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session)
-        finally:
-            if new_session and previous is not None:  # None: a handler not set from Python
-                signal.signal(signal.SIGINT, previous)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -344,24 +352,22 @@ def test_a_stop_signal_cuts_only_a_wait_for_data_short():
 def test_ctrl_c_stops_at_once_in_start_up_and_at_the_second_press():
     # Python's own Ctrl-C, as in a foreground process (a suite run in the background of a
     # script inherits SIGINT ignored, which the flag would rightly leave alone)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    flag = PreemptionFlag("SIGUSR2", interrupt=True)
-    try:
-        with pytest.raises(KeyboardInterrupt):  # start-up: nothing to save
-            send_sigint_to_self()
-        assert not flag.is_set
-        flag.hold_interrupts()  # the training loop
+    with sigint_handler(signal.default_int_handler):
+        flag = PreemptionFlag("SIGUSR2", interrupt=True)
         try:
-            send_sigint_to_self()
-        except KeyboardInterrupt:
-            pytest.fail("the first Ctrl-C in the training loop must only set the flag")
-        assert flag.received == signal.SIGINT and not flag.requeue
-        with pytest.raises(KeyboardInterrupt):
-            send_sigint_to_self()
-    finally:
-        flag.close()
-        if previous is not None:  # None: a handler not set from Python, which cannot be restored
-            signal.signal(signal.SIGINT, previous)
+            with pytest.raises(KeyboardInterrupt):  # start-up: nothing to save
+                send_sigint_to_self()
+            assert not flag.is_set
+            flag.hold_interrupts()  # the training loop
+            try:
+                send_sigint_to_self()
+            except KeyboardInterrupt:
+                pytest.fail("the first Ctrl-C in the training loop must only set the flag")
+            assert flag.received == signal.SIGINT and not flag.requeue
+            with pytest.raises(KeyboardInterrupt):
+                send_sigint_to_self()
+        finally:
+            flag.close()
 
 
 def test_ctrl_c_is_left_alone_where_it_is_not_asked_for_or_inherited_ignored():
@@ -370,13 +376,10 @@ def test_ctrl_c_is_left_alone_where_it_is_not_asked_for_or_inherited_ignored():
         assert signal.SIGINT not in library.signals
     finally:
         library.close()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a script
-    try:
+    with sigint_handler(signal.SIG_IGN):  # a background job of a script
         flag = PreemptionFlag("SIGUSR2", interrupt=True)
         assert signal.SIGINT not in flag.signals
         flag.close()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("name", ["SIGINT", "int", "2"])

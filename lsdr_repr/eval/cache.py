@@ -89,7 +89,7 @@ class Evaluator:
     def __init__(self, trained: TrainedBackbone, results_dir: Path | None, device: str,
                  batch_size: int, num_workers: int, progress: bool = False) -> None:
         self.trained = trained
-        self.progress = progress  # tqdm bars on stderr (a terminal only) for each pass
+        self.progress = progress  # each pass: a bar on a terminal, log lines elsewhere
         self.results_dir = results_dir
         self.device = resolve_device(device)
         self.batch_size = batch_size

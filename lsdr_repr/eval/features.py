@@ -182,8 +182,8 @@ def extract_features(
     """Embeddings [N,F] and labels [N] of every image in `data` (centre view at image_size).
 
     The backbone is put in eval mode for the pass and given back in the mode it was in.
-    `progress`: a tqdm bar on stderr if it is a terminal (images; the total when a manifest or
-    folder tells it).
+    `progress`: a bar on a terminal, a log line at most every 30 s elsewhere (images; the total
+    when a manifest or folder tells it).
     `rank`/`world_size`: this rank's share only (`max_samples` then caps the share), which may
     be empty: the caller gathers the shares.
     """
