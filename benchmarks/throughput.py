@@ -26,7 +26,8 @@ What it does, in one process:
    fraction (host time blocked on the loader / wall time) and peak GPU memory.
    --profile-variants runs a few more steps of those variants under torch.profiler, after all
    timed rows (CUPTI stays attached after a profile and slows every later launch), and reports
-   GPU busy time (union of kernel intervals / wall) and the top kernels (OUT/profile_*.txt).
+   GPU busy time (union of kernel intervals / wall), the top kernels (OUT/profile_*.txt) and
+   the timeline (OUT/trace_*.json.gz, for Perfetto).
 3. Prints one table; writes OUT/throughput_<arch>_b<batch>.json (everything) and the profiles.
 
 Under torchrun each process is one rank (data.batch_size = --batch x world size); rank 0
@@ -563,6 +564,9 @@ def profile_steps_of(trainer: Any, steps: int, out_dir: Path | None, name: str) 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"profile_{name.replace(':', '-')}.txt").write_text(table)
+        # the whole timeline too (open in Perfetto / chrome://tracing): where the GPU idles
+        # and what the host was doing then is not in any table
+        prof.export_chrome_trace(str(out_dir / f"trace_{name.replace(':', '-')}.json.gz"))
     return {
         "steps": steps, "wall_ms_per_step": wall_ms / steps,
         "gpu_busy_ms_per_step": busy_us / 1000 / steps,

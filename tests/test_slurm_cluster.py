@@ -236,19 +236,30 @@ def _log_time(text: str, message: str, after: float) -> float:
     raise AssertionError(f"no log line '{message}' after {after}")
 
 
-@pytest.mark.parametrize("sig", [
-    "USR2",
-    "TERM",
-])
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, sample_data, tmp_path,
-                                                        sig):
-    """A 2-node job sent the signal mid-run: USR2 is what --signal=USR2@120 delivers before the
-    time limit (and what a preempting cluster with PreemptParameters=send_user_signal sends);
-    TERM is what preemption sends otherwise. `scancel --signal=SIG` signals the job's steps (every
-    task on every node), not the batch shell, like both of those. Expected: checkpoint, exit 3,
-    `scontrol requeue`, resume from that checkpoint, finish at exactly total_steps."""
-    run_dir = tmp_path / f"preempt {sig}"
-    total = 12
+def _signal_past(job_id: str, run_dir: Path, step: int, sig: str) -> float:
+    """Once the run has logged a step beyond `step`, `scancel --signal=SIG` the job (its steps:
+    every task on every node, not the batch shell); returns the signal's time."""
+    deadline = time.monotonic() + 90
+    while not any(logged > step for logged in _steps(run_dir)):
+        assert time.monotonic() < deadline, _logs(run_dir, job_id)
+        # (between the two runs a requeued job passes through COMPLETING and PENDING)
+        assert _job(job_id)["JobState"] not in sub.TERMINAL_STATES, _logs(run_dir, job_id)
+        time.sleep(0.2)
+    t_signal = time.time()
+    subprocess.run(["scancel", f"--signal={sig}", job_id], check=True)
+    return t_signal
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sample_data,
+                                                               tmp_path):
+    """A 2-node job preempted twice: USR2 mid-run (what --signal=USR2@120 delivers before the
+    time limit, and what a preempting cluster with PreemptParameters=send_user_signal sends),
+    then TERM once the requeued job has gone on (what preemption sends otherwise). Each time:
+    checkpoint, exit 3, `scontrol requeue`, resume from exactly that checkpoint; the job ends
+    COMPLETED at total_steps with every step logged once. One job for both signals: a cold
+    start of two ranks is most of such a test's time."""
+    run_dir = tmp_path / "preempt twice"
+    total = 14
     result = sub.submit(
         REPO / "configs" / "demo.yaml",
         _demo_overrides(sample_data, run_dir, f"train.total_steps={total}",
@@ -258,63 +269,67 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, sample_da
         workdir=tmp_path,
     )
     job_id = result.job_id
-    # Signal once training is under way (a couple of steps logged).
-    deadline = time.monotonic() + 90
-    while len(_steps(run_dir)) < 2:
-        assert time.monotonic() < deadline, _logs(run_dir, job_id)
-        assert _job(job_id)["JobState"] in ("PENDING", "RUNNING"), _logs(run_dir, job_id)
-        time.sleep(0.2)
     # A second job in the same run dir would train over this one: refused while it is active.
-    with pytest.raises(SubmitError, match=f"already has job {job_id} RUNNING"):
+    with pytest.raises(SubmitError, match=f"already has job {job_id} (PENDING|RUNNING)"):
         sub.submit(REPO / "configs" / "demo.yaml", _demo_overrides(sample_data, run_dir),
                    sub.SubmitOptions(gpus_per_node=0, tasks_per_node=1), workdir=tmp_path)
-    t_signal = time.time()
-    subprocess.run(["scancel", f"--signal={sig}", job_id], check=True)
+    t_signal = _signal_past(job_id, run_dir, 1, "USR2")  # once training is under way
+
+    def checkpoints() -> list[int]:
+        return sorted(int(p.stem.split("-")[1])
+                      for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+    # The second signal once the restarted job has logged a step past the first checkpoint.
+    _wait(job_id, run_dir, timeout=150,
+          until=lambda j: j["Restarts"] == "1" or j["JobState"] in ("FAILED", "CANCELLED"))
+    first = checkpoints()
+    assert len(first) == 1, (first, _logs(run_dir, job_id))
+    _signal_past(job_id, run_dir, first[0] + 1, "TERM")
 
     job = _wait(job_id, run_dir, timeout=150,
-                until=lambda j: j["JobState"] in sub.TERMINAL_STATES and j["Restarts"] != "0"
+                until=lambda j: j["JobState"] in sub.TERMINAL_STATES and j["Restarts"] == "2"
                 or j["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT"))
     logs = _logs(run_dir, job_id)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", logs
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "2", logs
 
     out = (run_dir / f"slurm-{job_id}.out").read_text().splitlines()
     err = (run_dir / f"slurm-{job_id}.err").read_text()
     starts = [ln for ln in out if "start (restart" in ln]
-    assert len(starts) == 2 and "(restart 1)" in starts[1], logs
+    assert len(starts) == 3 and "(restart 1)" in starts[1] and "(restart 2)" in starts[2], logs
     assert "on 2 node(s)" in starts[0], logs
     requeue = next(ln for ln in out if "requeueing job" in ln)
-    ended = [ln for ln in out if "training step ended with status" in ln]
-    assert ended[0].endswith("status 3") and ended[1].endswith("status 0"), logs
+    ended = [ln.rsplit(" ", 1)[-1] for ln in out if "training step ended with status" in ln]
+    assert ended == ["3", "3", "0"], logs
 
-    # The checkpoint written on the signal, and the resume from exactly that step.
+    # The checkpoints written on the signals, and each resume from exactly that step.
     from lsdr_repr.checkpoint import load_checkpoint
 
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*.pt"))
-    steps = [int(p.stem.split("-")[1]) for p in ckpts]
-    assert steps[-1] == total and len(steps) == 2, steps
-    preempt_step = steps[0]
-    assert 2 <= preempt_step < total
-    for path in ckpts:  # sha256 verified, weights_only load: none is corrupt
-        assert load_checkpoint(path)["step"] == int(path.stem.split("-")[1])
+    steps = checkpoints()
+    assert len(steps) == 3 and steps[-1] == total and 2 <= steps[0] < steps[1] < total, steps
+    for step in steps:  # sha256 verified, weights_only load: none is corrupt
+        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+        assert load_checkpoint(path)["step"] == step
+    assert "preempted at step" in err and "exiting with 3" in err, logs
     resumed = re.findall(r"(\[rank \d\]) INFO \S+: resumed from .* at step (\d+)", err)
-    # once, by rank 0: the other ranks log warnings and errors only (lsdr_repr.cli)
-    assert resumed == [("[rank 0]", str(preempt_step))], logs
-    logged = _steps(run_dir)
-    assert logged == list(range(1, total + 1))  # every step once, none repeated or past total
+    # once per restart, by rank 0: the other ranks log warnings and errors only (lsdr_repr.cli)
+    assert resumed == [("[rank 0]", str(steps[0])), ("[rank 0]", str(steps[1]))], logs
+    assert _steps(run_dir) == list(range(1, total + 1))  # every step once, none past total
 
-    # Timeline (seconds after the signal), printed for the record (pytest -s).
-    ckpt_mtime = ckpts[0].stat().st_mtime
+    # Timeline of the first preemption (seconds after the signal), for the record (pytest -s).
     timeline = {
-        "checkpoint written": ckpt_mtime - t_signal,
+        "checkpoint written": _mtime(run_dir, steps[0]) - t_signal,
         "requeue issued": _stamp(requeue) - t_signal,
         "job restarted": _stamp(starts[1]) - t_signal,
         "resumed at step": _log_time(err, "resumed from", _stamp(starts[1])) - t_signal,
-        "training finished": _stamp(ended[1]) - t_signal,
     }
-    print(f"\npreemption timeline (s after SIG{sig}):",
+    print("\npreemption timeline (s after SIGUSR2):",
           ", ".join(f"{k} {v:.1f}" for k, v in timeline.items()))
     assert 0 <= timeline["checkpoint written"] < 30
     assert timeline["requeue issued"] < timeline["job restarted"]
+
+
+def _mtime(run_dir: Path, step: int) -> float:
+    return (run_dir / "checkpoints" / f"step-{step:08d}.pt").stat().st_mtime
 
 
 def test_nodes_that_cannot_reach_the_master_fail_fast(slurm_cluster, tmp_path):
