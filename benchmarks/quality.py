@@ -128,7 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--augment", default="lsdr-invariance",
                    help="augmentation preset of every arm without @PRESET")
     p.add_argument("--image-size", type=int, default=64, help="side S of the loader's images")
-    p.add_argument("--crop", type=int, default=48, help="side R of the views and the evaluation")
+    p.add_argument("--crop", type=int, default=48,
+                   help="side R of the views and the evaluation, for every arm: the reference "
+                   "scripts train at this side too (the issue's plain row is --crop 32)")
     p.add_argument("--data", choices=("digits", "digits-grey", "digits-photos", "fashion-mnist"),
                    default="digits")
     p.add_argument("--fashion-dir", default="/usr/share/datasets/fashion-mnist",
@@ -529,15 +531,17 @@ def aggregate(results: list[dict[str, Any]], arms: list[Arm]) -> dict[str, dict[
     return out
 
 
-def markdown_table(agg: dict[str, dict[str, Any]], arms: list[Arm]) -> str:
-    header = ["arm", "objective", "augmentations", "seeds"] + [h for _, h in SUMMARY]
+def markdown_table(agg: dict[str, dict[str, Any]], arms: list[Arm], view_size: int) -> str:
+    """One row per arm; the views column says the side every arm trained and was evaluated at
+    (`--crop`: the references too, whose recipe is otherwise their own)."""
+    header = ["arm", "objective", "augmentations", "views", "seeds"] + [h for _, h in SUMMARY]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in arms:
         entry = agg[arm.label]
         kind = arm.objective or "(untrained)"
         own = kind.startswith("ref:") or arm.objective is None
         cells = [arm.label, kind.replace("ref:", "reference: "),
-                 "-" if own else (arm.preset or "config"),
+                 "-" if own else (arm.preset or "config"), f"{view_size} px",
                  str(len(entry["seeds"]))]
         for key, _ in SUMMARY:
             if key not in entry:
@@ -653,7 +657,7 @@ def write_report(args: argparse.Namespace, split: str, arms: list[Arm],
 
     runs = split_view(results, split)
     agg = aggregate(runs, arms)
-    table = markdown_table(agg, arms)
+    table = markdown_table(agg, arms, args.crop)
     report = {
         "split": split, "data": data_what, "splits": splits, "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,

@@ -34,7 +34,7 @@ from lsdr_repr.checkpoint import (
 from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
 from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError, RunDirError
-from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
+from lsdr_repr.guarded_step import GuardedStep, PendingFlag, autocast_dtype, make_scaler
 from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import (
@@ -426,18 +426,18 @@ class Trainer:
         finally:
             self.multiview = saved
 
-    def model_step(self, views: list[torch.Tensor]) -> bool | torch.Tensor:
+    def model_step(self, views: list[torch.Tensor]) -> bool | PendingFlag:
         """One optimiser step on ready views (no data, no augmentation): the model-only ceiling
         that benchmarks compare the end-to-end rate with. Returns whether the loss was finite
-        (the step applied): a bool, or a 0-d bool tensor on the device when deferred."""
+        (the step applied): a bool, or a `PendingFlag` to read later when deferred."""
         return self.train_step([views])[3]
 
     def train_step(
         self, chunks: list[list[torch.Tensor]] | torch.Tensor, prefetch: bool = False
-    ) -> tuple[torch.Tensor, object, list, bool | torch.Tensor]:
+    ) -> tuple[torch.Tensor, object, list, bool | PendingFlag]:
         """One optimiser step over micro-batches (the views of each, or uint8 images to augment
         here; more than one: exact accumulation); returns the loss, the last loss output, the
-        last views, and whether the loss was finite (bool, or a device tensor when the check is
+        last views, and whether the loss was finite (bool, or a `PendingFlag` when the check is
         deferred: `GuardedStep`). prefetch: stage the next batch once this step's kernels are
         queued, before anything synchronises."""
         if isinstance(chunks, torch.Tensor):
@@ -645,8 +645,9 @@ class Trainer:
             return None
 
     def _resolve_flags(self, keep: int) -> None:
-        """Read the finite flags of all but the newest `keep` pending steps (a sync only for
-        flags still on the device) and apply the divergence rule to each, in step order."""
+        """Read the finite flags of all but the newest `keep` pending steps (a `PendingFlag`
+        waits for its own step only, not for the step queued since) and apply the divergence
+        rule to each, in step order."""
         while len(self._pending_flags) > keep:
             step, flag = self._pending_flags.pop(0)
             if bool(flag):

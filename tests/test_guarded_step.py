@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from test_accumulate import trainer_for
 from torch import nn
 
 from lsdr_repr.config import OptimConfig
-from lsdr_repr.guarded_step import GuardedStep, autocast_dtype, make_scaler
+from lsdr_repr.guarded_step import GuardedStep, PendingFlag, autocast_dtype, make_scaler
 from lsdr_repr.optim import build_optimizer
 
 CPU = torch.device("cpu")
@@ -62,8 +63,8 @@ def test_a_nonfinite_loss_changes_nothing_and_a_finite_one_steps(name, precision
     scale = scaler.get_scale() if scaler else None
 
     applied = one_step(model, stepper, scaler, poison=True)
-    # deferred: the flag is still on the device, nothing waited for the backward
-    assert isinstance(applied, torch.Tensor) is deferred
+    # deferred: nothing waited for the backward; the flag is read when asked for
+    assert isinstance(applied, PendingFlag) is deferred
     assert not bool(applied)
     for key, value in model.state_dict().items():  # BatchNorm statistics included (the
         if value.is_floating_point():               # counter is not: unused with momentum)
@@ -114,3 +115,19 @@ def test_fp16_trains_on_cpu_and_resumes_its_loss_scale(sample_shards, tmp_path):
     resumed = trainer_for(sample_shards, tmp_path / "run", *args, "train.total_steps=6")
     assert resumed.step == 4
     assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a stream to queue on)")
+def test_reading_a_pending_flag_waits_for_its_own_step_only():
+    """A flag read after more work was queued (the next step) must not wait for that work:
+    `bool(tensor)` would (its copy joins the stream's tail)."""
+    flag = PendingFlag(torch.isfinite(torch.ones((), device="cuda")))
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU spinning queued after the flag
+    start = time.perf_counter()
+    assert bool(flag)
+    assert time.perf_counter() - start < 0.5
+    torch.cuda.synchronize()
+
+
+def test_a_pending_flag_on_the_cpu_reads_the_tensor():
+    assert bool(PendingFlag(torch.tensor(True))) and not bool(PendingFlag(torch.tensor(False)))

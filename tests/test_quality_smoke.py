@@ -74,7 +74,7 @@ def test_quality_script_reports_every_arm_on_cpu(tmp_path, sample_shards, capsys
     assert not (tmp_path / "w" / "runs").exists() or not any((tmp_path / "w" / "runs").iterdir())
     printed = capsys.readouterr().out
     assert "val:" in printed and "test:" in printed
-    assert "| vicreg@vicreg | vicreg | vicreg | 2 |" in printed
+    assert "| vicreg@vicreg | vicreg | vicreg | 16 px | 2 |" in printed
 
 
 def test_quality_rejects_bad_arms(tmp_path):
@@ -113,7 +113,8 @@ def test_reference_rows_train_outside_the_product(tmp_path, sample_shards):
         assert "final_losses" not in run  # not the product's trainer
     # 768 raw pixel features of 48 images: close to the full rank the 48 samples allow
     assert report["runs"][2]["metrics"]["rankme"] > 20
-    assert "| plain-vicreg | reference: plain-vicreg | - | 1 |" in report["table"]
+    # the view side every row trained at, the reference included
+    assert "| plain-vicreg | reference: plain-vicreg | - | 16 px | 1 |" in report["table"]
 
 
 def test_plain_script_chunks_draw_the_steps_batches_in_order():
