@@ -235,6 +235,9 @@ class ObjectiveConfig:
     # scale-free variance hinge on the pooled stages (each feature's std vs the stage's rms)
     layer_variance_weights: list[float] = field(default_factory=list)
     barlow_lambda: float = 0.0051  # Barlow Twins off-diagonal weight
+    # With multi-crop (augment.local_crops): compare every pair of views (all), or only pairs
+    # that hold one of the augment.num_views global views (global: DINO / SwAV's pairing)
+    view_pairs: Literal["all", "global"] = "all"
 
 
 # -------------------------------------------------------------------------------------- optim

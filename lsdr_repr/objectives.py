@@ -59,13 +59,23 @@ def covariance(z: Tensor, correction: int = 0) -> Tensor:
     return zc.T @ zc / (z.shape[0] - correction)
 
 
-def invariance_loss(views: Sequence[Tensor]) -> Tensor:
+def view_pairs(num_views: int, global_views: int | None = None) -> list[tuple[int, int]]:
+    """The view pairs (i, j), i < j, that the invariance compares: all V (V - 1) / 2 of them, or
+    with `global_views` G (the first G views are the global ones) only the pairs that hold a
+    global view, G (G - 1) / 2 + G (V - G): two local crops are not compared with each other, as
+    in DINO's and SwAV's multi-crop."""
+    return [(i, j) for i, j in itertools.combinations(range(num_views), 2)
+            if global_views is None or i < global_views]
+
+
+def invariance_loss(views: Sequence[Tensor],
+                    pairs: Sequence[tuple[int, int]] | None = None) -> Tensor:
     """V x [N, D] -> scalar: mean squared difference (mean over N and D, F.mse_loss), averaged
-    over all V (V - 1) / 2 pairs of views."""
-    pairs = list(itertools.combinations(views, 2))
+    over the view pairs (`view_pairs`; default all V (V - 1) / 2)."""
+    pairs = view_pairs(len(views)) if pairs is None else pairs
     if not pairs:
         raise ValueError("the invariance term needs at least two views")
-    return torch.stack([F.mse_loss(a, b) for a, b in pairs]).mean()
+    return torch.stack([F.mse_loss(views[i], views[j]) for i, j in pairs]).mean()
 
 
 def variance_loss(z: Tensor, gamma: float = 1.0, eps: float = 1e-4, correction: int = 0) -> Tensor:
@@ -96,11 +106,13 @@ def correlation_decorrelation_loss(z: Tensor, eps: float = STAGE_EPS) -> Tensor:
     return decorrelation_loss(batch_standardize(z, eps, relative=True))
 
 
-def standardized_invariance_loss(views: Sequence[Tensor], eps: float = STAGE_EPS) -> Tensor:
+def standardized_invariance_loss(views: Sequence[Tensor], eps: float = STAGE_EPS,
+                                 pairs: Sequence[tuple[int, int]] | None = None) -> Tensor:
     """V x [N, D] -> scalar: the invariance term on batch-standardised views (each view with its
-    own batch statistics, eps relative to its mean variance); for two views it is
-    2 - 2 * mean_j Corr(z_j, z'_j) for features whose variance is well above eps x the mean."""
-    return invariance_loss([batch_standardize(z, eps, relative=True) for z in views])
+    own batch statistics, eps relative to its mean variance) over `pairs` (default all); for two
+    views it is 2 - 2 * mean_j Corr(z_j, z'_j) for features whose variance is well above eps x
+    the mean."""
+    return invariance_loss([batch_standardize(z, eps, relative=True) for z in views], pairs)
 
 
 def relative_variance_loss(z: Tensor, eps: float = STAGE_EPS) -> Tensor:
@@ -174,6 +186,17 @@ def _mean_over_views(term: Callable[[Tensor], Tensor], views: Sequence[Tensor]) 
     return torch.stack([term(z) for z in views]).mean()
 
 
+def _mean_over_pairs(term: Callable[[Tensor], Tensor], views: Sequence[Tensor],
+                     pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """The mean over `pairs` of (term(view i) + term(view j)) / 2: each view's term weighted by
+    the pairs it is in (with all pairs, the plain mean over the views)."""
+    counts = [0] * len(views)
+    for i, j in pairs:
+        counts[i] += 1
+        counts[j] += 1
+    return sum(c * term(z) for c, z in zip(counts, views) if c) / (2 * len(pairs))
+
+
 def _check_views(projections: Sequence[Tensor], name: str) -> None:
     if len(projections) < 2:
         raise ValueError(f"{name}: needs at least two views, got {len(projections)}")
@@ -223,9 +246,11 @@ class LSDRLoss(nn.Module):
         layer_decorrelation: str = "covariance",
         layer_invariance_weights: Sequence[float] = (),
         layer_variance_weights: Sequence[float] = (),
+        global_views: int | None = None,
         gather: Gather = _no_gather,
     ) -> None:
         super().__init__()
+        self.global_views = global_views
         if layer_decorrelation not in LAYER_DECORRELATION:
             raise ValueError(f"objective.layer_decorrelation: expected one of "
                              f"{' | '.join(LAYER_DECORRELATION)}, got {layer_decorrelation!r}")
@@ -248,14 +273,15 @@ class LSDRLoss(nn.Module):
         labels = range(len(self.layer_weights)) if stage_labels is None else stage_labels
         self.stage_labels = list(labels)
 
-    def _stage_terms(self) -> list[tuple[str, list[float], Callable[[list[Tensor]], Tensor]]]:
+    def _stage_terms(self, pairs: list[tuple[int, int]]
+                     ) -> list[tuple[str, list[float], Callable[[list[Tensor]], Tensor]]]:
         """(name, one weight per stage, V x [N, C] -> scalar) for each layer-wise term in use."""
         layer_dec = LAYER_DECORRELATION[self.layer_decorrelation]
         stage_terms = [("decorrelation", self.layer_weights,
                         lambda hs: _mean_over_views(layer_dec, hs))]
         if self.layer_invariance_weights:
             stage_terms.append(("invariance", self.layer_invariance_weights,
-                                standardized_invariance_loss))
+                                lambda hs: standardized_invariance_loss(hs, pairs=pairs)))
         if self.layer_variance_weights:
             stage_terms.append(("variance", self.layer_variance_weights,
                                 lambda hs: _mean_over_views(relative_variance_loss, hs)))
@@ -276,13 +302,14 @@ class LSDRLoss(nn.Module):
             raise ValueError("lsdr: stages must hold the same number of stages for every view")
         with _float32(projections[0].device):
             zs = [_global(z, self.gather) for z in projections]
-            inv = invariance_loss(zs)
+            pairs = view_pairs(len(zs), self.global_views)
+            inv = invariance_loss(zs, pairs)
             var = _mean_over_views(lambda z: variance_loss(z, self.gamma, self.eps), zs)
             dec = _mean_over_views(decorrelation_loss, zs)
             total = (self.invariance_weight * inv + self.variance_weight * var
                      + self.decorrelation_weight * dec)
             terms = {"invariance": inv, "variance": var, "decorrelation": dec}
-            stage_terms = self._stage_terms()
+            stage_terms = self._stage_terms(pairs)
             for k, label in zip(range(len(self.layer_weights)), self.stage_labels):
                 hs = [_global(v[k], self.gather) for v in per_view]
                 for name, weights, term in stage_terms:
@@ -296,15 +323,18 @@ class VICRegLoss(nn.Module):
     """VICReg as in facebookresearch/vicreg main_vicreg.py (commit b42aa23): sim * MSE(x, y)
     + std * [mean(relu(gamma - std_x)) / 2 + mean(relu(gamma - std_y)) / 2]
     + cov * [sum offdiag(cov_x)^2 / D + sum offdiag(cov_y)^2 / D], var and cov with N - 1.
-    With V > 2 views (multi-crop): the mean of that two-view loss over the V (V - 1) / 2 pairs of
-    views, computed as the MSE averaged over the pairs, the std term averaged over the views and
-    the covariance term 2 x its mean over the views (each view is in V - 1 of the pairs). Under
+    With V > 2 views (multi-crop): the mean of that two-view loss over the view pairs
+    (`view_pairs`: all V (V - 1) / 2, or those with a global view), computed as the MSE averaged
+    over the pairs and each view's std and covariance terms weighted by the pairs it is in (with
+    all pairs: the std term's mean over the views, the covariance term 2 x its mean). Under
     DDP the MSE is on the gathered batch (the reference takes it per rank; its DDP-averaged
     gradient is the same)."""
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 gamma: float = 1.0, eps: float = 1e-4, gather: Gather = _no_gather) -> None:
+                 gamma: float = 1.0, eps: float = 1e-4, global_views: int | None = None,
+                 gather: Gather = _no_gather) -> None:
         super().__init__()
+        self.global_views = global_views
         self.gather = gather
         self.sim_coeff = sim_coeff
         self.std_coeff = std_coeff
@@ -319,10 +349,11 @@ class VICRegLoss(nn.Module):
         _check_views(projections, "vicreg")
         with _float32(projections[0].device):
             zs = [_global(z, self.gather) for z in projections]
-            sim = invariance_loss(zs)
-            std = _mean_over_views(
-                lambda z: variance_loss(z, self.gamma, self.eps, correction=1), zs)
-            cov = 2 * _mean_over_views(lambda z: decorrelation_loss(z, correction=1), zs)
+            pairs = view_pairs(len(zs), self.global_views)
+            sim = invariance_loss(zs, pairs)
+            std = _mean_over_pairs(
+                lambda z: variance_loss(z, self.gamma, self.eps, correction=1), zs, pairs)
+            cov = 2 * _mean_over_pairs(lambda z: decorrelation_loss(z, correction=1), zs, pairs)
             total = self.sim_coeff * sim + self.std_coeff * std + self.cov_coeff * cov
         terms = {"invariance": sim, "variance": std, "decorrelation": cov}
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
@@ -332,11 +363,13 @@ class BarlowTwinsLoss(nn.Module):
     """Barlow Twins as in facebookresearch/barlowtwins main.py (commit 046eec3, the published
     code without the early `scale-loss` 1/32 factor): c = bn(z1)^T bn(z2) / N with an affine-free
     BatchNorm over the global batch, loss = sum_i (c_ii - 1)^2 + lambda * sum_{i != j} c_ij^2.
-    With V > 2 views (multi-crop): the mean of that loss (and of each sum) over the V (V - 1) / 2
-    pairs of views, so V = 2 is the reference exactly."""
+    With V > 2 views (multi-crop): the mean of that loss (and of each sum) over the view pairs
+    (`view_pairs`), so V = 2 is the reference exactly."""
 
-    def __init__(self, lambd: float = 0.0051, gather: Gather = _no_gather) -> None:
+    def __init__(self, lambd: float = 0.0051, global_views: int | None = None,
+                 gather: Gather = _no_gather) -> None:
         super().__init__()
+        self.global_views = global_views
         self.gather = gather
         self.lambd = lambd
 
@@ -348,8 +381,8 @@ class BarlowTwinsLoss(nn.Module):
         with _float32(projections[0].device):
             zs = [_global(z, self.gather) for z in projections]
             on_diags, off_diags = [], []
-            for z1, z2 in itertools.combinations(zs, 2):
-                c = cross_correlation(z1, z2)
+            for i, j in view_pairs(len(zs), self.global_views):
+                c = cross_correlation(zs[i], zs[j])
                 on_diags.append((torch.diagonal(c) - 1).pow(2).sum())
                 off_diags.append(off_diagonal_sq_sum(c))
             on_diag = torch.stack(on_diags).mean()

@@ -259,7 +259,8 @@ class Trainer:
             self.multiview = nn.parallel.DistributedDataParallel(
                 self.multiview, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages).to(device)
+        self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages,
+                                       global_views=cfg.augment.num_views).to(device)
         augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
         # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
         aug_generator = torch.Generator(device=device)

@@ -15,6 +15,7 @@ from torch import nn
 from lsdr_repr.builders.objective import build_objective
 from lsdr_repr.config import ObjectiveConfig
 from lsdr_repr.objectives import (
+    STAGE_EPS,
     BarlowTwinsLoss,
     LossOutput,
     LSDRLoss,
@@ -31,6 +32,7 @@ from lsdr_repr.objectives import (
     relative_variance_loss,
     standardized_invariance_loss,
     variance_loss,
+    view_pairs,
 )
 
 
@@ -286,16 +288,25 @@ def test_vicreg_matches_reference(scale):
     assert set(out.terms) == {"invariance", "variance", "decorrelation"}
 
 
-@pytest.mark.parametrize("num_views", [3, 4])
-def test_vicreg_with_more_views_is_the_reference_averaged_over_view_pairs(num_views):
+def _pairs(views: list, global_views: int | None) -> list:
+    """The view pairs written out: all, or those holding one of the first `global_views`."""
+    g = len(views) if global_views is None else global_views
+    return [(a, b) for (i, a), (j, b) in itertools.combinations(enumerate(views), 2)
+            if i < g or j < g]
+
+
+@pytest.mark.parametrize("num_views,global_views", [(3, None), (4, None), (5, 2), (4, 1)])
+def test_vicreg_with_more_views_is_the_reference_averaged_over_view_pairs(num_views,
+                                                                          global_views):
     # Multi-crop VICReg (e.g. V = 4: two global views and two local ones) is the mean of the
-    # published two-view loss over the V (V - 1) / 2 pairs, so V = 2 stays exactly the reference.
+    # published two-view loss over the view pairs: all V (V - 1) / 2, or (view_pairs: global)
+    # those holding a global view; so V = 2 stays exactly the reference.
     n, d = 32, 16
     views = [(_rand(n, d, seed=10 + i, dtype=torch.float64) * (0.4 + 0.3 * i)).requires_grad_()
              for i in range(num_views)]
     ref = torch.stack([_vicreg_reference(a, b, n, d)
-                       for a, b in itertools.combinations(views, 2)]).mean()
-    out = VICRegLoss()(views)
+                       for a, b in _pairs(views, global_views)]).mean()
+    out = VICRegLoss(global_views=global_views)(views)
     assert out.total.item() == pytest.approx(ref.item(), rel=1e-12)
     for g, g_ref in zip(torch.autograd.grad(out.total, views), torch.autograd.grad(ref, views)):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
@@ -316,15 +327,17 @@ def test_barlow_matches_reference():
     assert out.terms["on_diagonal"].item() == pytest.approx(((c.diagonal() - 1) ** 2).sum().item())
 
 
-def test_barlow_with_more_views_is_the_reference_averaged_over_view_pairs():
+@pytest.mark.parametrize("num_views,global_views", [(3, None), (4, 2)])
+def test_barlow_with_more_views_is_the_reference_averaged_over_view_pairs(num_views,
+                                                                          global_views):
     n, d = 32, 16
     views = [(_rand(n, d, seed=20 + i, dtype=torch.float64) * (0.5 + 0.5 * i)).requires_grad_()
-             for i in range(3)]
+             for i in range(num_views)]
     ref = torch.stack([_barlow_reference(a, b, n)
-                       for a, b in itertools.combinations(views, 2)]).mean()
-    out = BarlowTwinsLoss(lambd=0.0051)(views)
+                       for a, b in _pairs(views, global_views)]).mean()
+    out = BarlowTwinsLoss(lambd=0.0051, global_views=global_views)(views)
     assert out.total.item() == pytest.approx(ref.item(), rel=1e-10)
-    cs = [cross_correlation(a.detach(), b.detach()) for a, b in itertools.combinations(views, 2)]
+    cs = [cross_correlation(a.detach(), b.detach()) for a, b in _pairs(views, global_views)]
     on_diag = torch.stack([((c.diagonal() - 1) ** 2).sum() for c in cs]).mean()
     assert out.terms["on_diagonal"].item() == pytest.approx(on_diag.item(), rel=1e-10)
     for g, g_ref in zip(torch.autograd.grad(out.total, views), torch.autograd.grad(ref, views)):
@@ -475,3 +488,37 @@ def test_covariance_spectrum():
     wide = covariance_spectrum(_rand(4, 10, seed=12))  # N < D: the rest of the spectrum is 0
     assert wide.shape == (10,) and (wide[:3] > 0).all() and wide[3:].abs().max() < 1e-12
     assert (wide[:-1] >= wide[1:]).all()
+
+
+def test_view_pairs_all_or_those_with_a_global_view():
+    assert view_pairs(2) == [(0, 1)] and view_pairs(2, 2) == [(0, 1)]
+    assert len(view_pairs(6)) == 15
+    # two global views and four local crops: the global pair and 2 x 4 global-local pairs
+    assert view_pairs(6, 2) == [(0, 1), *[(g, v) for g in (0, 1) for v in range(2, 6)]]
+
+
+def test_lsdr_with_global_pairs_compares_no_two_local_views():
+    """The invariance (and the stage invariance) over the pairs with a global view; the per-view
+    variance and decorrelation over every view, as with all pairs."""
+    n, d = 24, 8
+    zs = [_rand(n, d, seed=40 + i, dtype=torch.float64) * (0.5 + 0.2 * i) for i in range(5)]
+    hs = [[_rand(n, 6, seed=50 + i, dtype=torch.float64)] for i in range(5)]
+    kw = {"layer_weights": [0.3], "layer_invariance_weights": [0.7],
+          "layer_decorrelation": "correlation"}
+    every, global_only = LSDRLoss(**kw)(zs, hs), LSDRLoss(global_views=2, **kw)(zs, hs)
+    pairs = view_pairs(5, 2)
+    mse = np.mean([((zs[i] - zs[j]) ** 2).mean().item() for i, j in pairs])
+    assert global_only.terms["invariance"].item() == pytest.approx(mse, rel=1e-12)
+    assert every.terms["invariance"].item() == pytest.approx(_np_inv([z.numpy() for z in zs]))
+    staged = [batch_standardize(h[0], STAGE_EPS, relative=True) for h in hs]
+    stage_mse = np.mean([((staged[i] - staged[j]) ** 2).mean().item() for i, j in pairs])
+    assert global_only.terms["invariance_stage0"].item() == pytest.approx(stage_mse, rel=1e-9)
+    for term in ("variance", "decorrelation", "decorrelation_stage0"):
+        assert global_only.terms[term].item() == every.terms[term].item()
+
+
+@pytest.mark.parametrize("name", ["lsdr", "vicreg", "barlow"])
+def test_view_pairs_config_reaches_every_objective(name):
+    assert build_objective(ObjectiveConfig(name=name)).global_views is None
+    built = build_objective(ObjectiveConfig(name=name, view_pairs="global"), global_views=3)
+    assert built.global_views == 3

@@ -22,14 +22,17 @@ def build_objective(
     objective_cfg: ObjectiveConfig,
     stages: Sequence[int] | None = None,
     *,
+    global_views: int = 2,
     gather: Gather = dist.all_gather_with_grad,
 ) -> nn.Module:
     """The loss module for objective_cfg.name. With `stages` (model.stages) the layer weights are
     checked now and the stage terms are named after the stage indices. Every objective takes two or
-    more views (augment.num_views + augment.local_crops). `gather`: how each view's features
-    become the global batch (the all-gather with gradient of lsdr_repr.distributed, the identity
-    in one process)."""
+    more views (augment.num_views + augment.local_crops); `global_views` (augment.num_views) are
+    the first of them, which `objective.view_pairs: global` pairs every view with. `gather`: how
+    each view's features become the global batch (the all-gather with gradient of
+    lsdr_repr.distributed, the identity in one process)."""
     name = objective_cfg.name
+    pairing = global_views if objective_cfg.view_pairs == "global" else None
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective '{name}' (known: "
                           f"{', '.join(OBJECTIVES)})")
@@ -50,6 +53,7 @@ def build_objective(
                 layer_decorrelation=objective_cfg.layer_decorrelation,
                 layer_invariance_weights=list(objective_cfg.layer_invariance_weights),
                 layer_variance_weights=list(objective_cfg.layer_variance_weights),
+                global_views=pairing,
                 gather=gather,
             )
         except ValueError as exc:  # the loss's own checks, which name the config keys
@@ -66,7 +70,8 @@ def build_objective(
             cov_coeff=objective_cfg.decorrelation_weight,
             gamma=objective_cfg.gamma,
             eps=objective_cfg.eps,
+            global_views=pairing,
             gather=gather,
         )
-    return BarlowTwinsLoss(lambd=objective_cfg.barlow_lambda, gather=gather)
+    return BarlowTwinsLoss(lambd=objective_cfg.barlow_lambda, global_views=pairing, gather=gather)
 
