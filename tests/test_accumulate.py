@@ -187,25 +187,3 @@ def test_accumulated_run_resumes_to_the_same_weights(sample_shards, tmp_path):
                             resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
-
-def test_the_trainer_pairs_local_crops_with_the_global_views_only(sample_shards, tmp_path):
-    """objective.view_pairs=global in the real Trainer: the loss knows augment.num_views, and a
-    multi-crop step (2 global + 2 local views) takes the invariance over the 5 pairs that hold a
-    global view, not over all 6."""
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(5))
-    trainer = trainer_for(sample_shards, tmp_path / "run", "objective.view_pairs=global",
-                          "augment.local_crops=2", "augment.local_crop_size=32",
-                          "augment.local_area=[0.3, 0.6]")
-    assert trainer.loss_fn.global_views == 2
-    views = trainer.staging.views(images)[0]
-    assert len(views) == 4
-    with torch.no_grad():  # the same weights and (no drop path here) the same forward as the step
-        z = [o.projection.float() for o in trainer.multiview(views)]
-    _, out, _, applied = trainer.train_step([views])
-    assert bool(applied)
-    mse = {(i, j): torch.nn.functional.mse_loss(z[i], z[j]).item()
-           for i in range(4) for j in range(i + 1, 4)}
-    global_pairs = [mse[p] for p in mse if p != (2, 3)]
-    assert out.terms["invariance"].item() == pytest.approx(sum(global_pairs) / 5, rel=1e-5)
-    assert out.terms["invariance"].item() != pytest.approx(sum(mse.values()) / 6, rel=1e-5)
