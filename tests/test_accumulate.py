@@ -186,4 +186,3 @@ def test_accumulated_run_resumes_to_the_same_weights(sample_shards, tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(),
                             resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
-
