@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import gzip
 import io
 import json
 import logging
@@ -54,6 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timeline import timeline_summary  # benchmarks/timeline.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("throughput")
@@ -561,13 +563,18 @@ def profile_steps_of(trainer: Any, steps: int, out_dir: Path | None, name: str) 
     kernel_sum_us = sum(e.time_range.elapsed_us() for e in kernels)
     table = prof.key_averages().table(
         sort_by="cuda_time_total" if kernels else "cpu_time_total", row_limit=30)
+    timeline = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"profile_{name.replace(':', '-')}.txt").write_text(table)
         # the whole timeline too (open in Perfetto / chrome://tracing): where the GPU idles
-        # and what the host was doing then is not in any table
-        prof.export_chrome_trace(str(out_dir / f"trace_{name.replace(':', '-')}.json.gz"))
+        # and what the host was doing then is not in any table; summarised by timeline.py
+        trace = out_dir / f"trace_{name.replace(':', '-')}.json.gz"
+        prof.export_chrome_trace(str(trace))
+        with gzip.open(trace, "rt") as f:
+            timeline = timeline_summary(json.load(f)["traceEvents"], steps)
     return {
+        "timeline": timeline,
         "steps": steps, "wall_ms_per_step": wall_ms / steps,
         "gpu_busy_ms_per_step": busy_us / 1000 / steps,
         "gpu_busy_frac_of_wall": busy_us / 1000 / wall_ms if wall_ms else None,

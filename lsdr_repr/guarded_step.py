@@ -73,7 +73,7 @@ class PendingFlag:
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._host.copy_(flag, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(flag.device))
         else:
             self._host = flag
 

@@ -274,7 +274,7 @@ class Trainer:
             self.optimizer, model, clip_grad=cfg.optim.clip_grad, scaler=self.scaler,
             buffers=self._buffers, backups=self._buffer_backup, world_size=self.world_size)
         # Finite flags of steps not yet read on the host (deferred check): (step, flag).
-        self._pending_flags: list[tuple[int, bool | torch.Tensor]] = []
+        self._pending_flags: list[tuple[int, bool | PendingFlag]] = []
         self._nonfinite_streak = 0
         loader = make_train_loader(
             cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,

@@ -51,6 +51,9 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
     e2e = rows["end-to-end cpu:shrunk:on:eager:w1#1"]
     assert 0.0 <= e2e["data_wait_frac"] <= 1.0
     assert e2e["profile"]["steps"] == 1
+    # the timeline is written and summarised (host side only on a CPU)
+    assert (out / "trace_cpu-shrunk-on-eager-w1.json.gz").stat().st_size > 0
+    assert e2e["profile"]["timeline"]["host_blocked_ms_per_step"] >= 0.0
     # the pre-shrunk copy was written by `lsdr shards write --min-side S --max-side N`
     assert report["shards"]["full"]["samples"] == report["shards"]["shrunk"]["samples"] == 24
     manifest = json.loads((out / "data" / "shrunk" / "manifest.json").read_text())

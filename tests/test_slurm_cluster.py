@@ -259,7 +259,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
     COMPLETED at total_steps with every step logged once. One job for both signals: a cold
     start of two ranks is most of such a test's time."""
     run_dir = tmp_path / "preempt twice"
-    total = 14
+    total = 16
     result = sub.submit(
         REPO / "configs" / "demo.yaml",
         _demo_overrides(sample_data, run_dir, f"train.total_steps={total}",
@@ -284,7 +284,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
           until=lambda j: j["Restarts"] == "1" or j["JobState"] in ("FAILED", "CANCELLED"))
     first = checkpoints()
     assert len(first) == 1, (first, _logs(run_dir, job_id))
-    _signal_past(job_id, run_dir, first[0] + 1, "TERM")
+    # room for a step past the checkpoint and a signal well before the last step (a TERM in the
+    # final step ends the run complete, with 0, and there would be no second requeue)
+    assert first[0] + 2 <= total - 4, (first, _logs(run_dir, job_id))
+    t_term = _signal_past(job_id, run_dir, first[0] + 1, "TERM")
 
     job = _wait(job_id, run_dir, timeout=150,
                 until=lambda j: j["JobState"] in sub.TERMINAL_STATES and j["Restarts"] == "2"
@@ -309,7 +312,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
     for step in steps:  # sha256 verified, weights_only load: none is corrupt
         path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
         assert load_checkpoint(path)["step"] == step
-    assert "preempted at step" in err and "exiting with 3" in err, logs
+    stops = re.findall(r"\[rank 0\] WARNING \S+: preempted at step (\d+): checkpoint .* exiting "
+                       r"with 3", err)
+    assert stops == [str(steps[0]), str(steps[1])], logs  # one per signal, at its checkpoint
     resumed = re.findall(r"(\[rank \d\]) INFO \S+: resumed from .* at step (\d+)", err)
     # once per restart, by rank 0: the other ranks log warnings and errors only (lsdr_repr.cli)
     assert resumed == [("[rank 0]", str(steps[0])), ("[rank 0]", str(steps[1]))], logs
@@ -325,6 +330,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
     print("\npreemption timeline (s after SIGUSR2):",
           ", ".join(f"{k} {v:.1f}" for k, v in timeline.items()))
     assert 0 <= timeline["checkpoint written"] < 30
+    assert 0 <= _mtime(run_dir, steps[1]) - t_term < 30  # the TERM's checkpoint, as promptly
     assert timeline["requeue issued"] < timeline["job restarted"]
 
 
