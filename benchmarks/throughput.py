@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from timeline import timeline_summary  # benchmarks/timeline.py, beside this script
+from timeline import timeline_summary, union_us  # benchmarks/timeline.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("throughput")
@@ -549,16 +549,7 @@ def profile_steps_of(trainer: Any, steps: int, out_dir: Path | None, name: str) 
         wall_ms = (time.perf_counter() - start) * 1000
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy_us, cur_s, cur_e = 0.0, None, None
-    for s, e in intervals:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy_us += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy_us += cur_e - cur_s
+    busy_us = union_us(intervals)
     span_us = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
     kernel_sum_us = sum(e.time_range.elapsed_us() for e in kernels)
     table = prof.key_averages().table(
