@@ -116,6 +116,7 @@ def cleanup() -> None:
     ("terminate called without an active exception", SIGABRT) after a successful run; measured
     here in 8 of 30 two-rank runs without the collection, 0 of 30 with it. Objects a caller still
     references are not freed by this: drop DDP-wrapped models before calling it."""
+    _HOST_GROUP.clear()  # destroyed with the default group below
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
@@ -197,6 +198,34 @@ def any_true(flag: bool | torch.Tensor, device: torch.device | str | None = None
     t = _as_float(flag, device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def any_true_on_host(flag: bool) -> bool:
+    """`any_true` for a flag the host holds (a stop signal seen), agreed over a CPU (gloo) group.
+
+    Why: on the NCCL group the reduce is queued on the GPU stream behind the step just launched,
+    and reading it makes the host wait for that step, so an agreement every step would keep the
+    host from running a step ahead (the GPU then idles while it launches the next one; measured
+    for the deferred finite check, benchmarks/RESULTS.md, issue 18, fourteenth session). The gloo
+    reduce waits only for the other ranks' hosts. Every rank must call it at the same points (it
+    is a collective)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    return bool(t.item())
+
+
+_HOST_GROUP: list[Any] = []  # the gloo group of every rank for host flags, made on first use
+
+
+def _host_group() -> Any:
+    """A gloo group of every rank, created by the first call (collective: every rank makes that
+    first call at the same point, in `any_true_on_host`). Its own group even when the default is
+    gloo (CPU runs), so the CPU tests run the path an NCCL job takes."""
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 def all_sum(x: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:

@@ -692,8 +692,9 @@ class Trainer:
         return EXIT_PREEMPTED if self._agree(preempt.requeue) else EXIT_INTERRUPTED
 
     def _agree(self, flag: bool) -> bool:
-        """True on every rank if any rank saw the preemption signal (they stop at the same step)."""
-        return dist.any_true(flag, self.device)
+        """True on every rank if any rank saw the preemption signal (they stop at the same step);
+        over a CPU group, so the per-step call does not wait for the GPU (`any_true_on_host`)."""
+        return dist.any_true_on_host(flag)
 
     def _metrics(self, loss: torch.Tensor, out, samples_per_s: float, wait_frac: float) -> dict:
         metrics = {f"loss/{k}": float(v) for k, v in out.terms.items()}

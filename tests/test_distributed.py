@@ -17,6 +17,7 @@ from lsdr_repr.distributed import (
     all_sum,
     all_true,
     any_true,
+    any_true_on_host,
     barrier,
     broadcast_object,
     expand_nodelist,
@@ -112,6 +113,7 @@ def test_single_process_helpers_are_identities():
     assert all_gather_with_grad(x) is x
     assert all_gather_cat(x) is x
     assert all_true(True) and not all_true(torch.tensor(False)) and any_true(torch.tensor(True))
+    assert any_true_on_host(True) and not any_true_on_host(False)
     assert float(all_sum(3)) == 3.0
     assert torch.equal(all_reduce_mean(x), x)
     assert broadcast_object({"a": 1}) == {"a": 1}
@@ -156,6 +158,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
     out["grad"] = x.grad
     out["flags"] = (d.all_true(rank == 0), d.all_true(torch.tensor(True)),
                     d.any_true(rank == 1), d.any_true(False))
+    # the host-flag agreement goes over its own gloo group (beside NCCL on GPUs)
+    out["host_flags"] = (d.any_true_on_host(rank == 1), d.any_true_on_host(False))
+    out["host_group"] = torch.distributed.get_backend(d._host_group())
     out["sum"] = float(d.all_sum(rank + 1))
     out["cat"] = d.all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # shares differ
     out["mean"] = d.all_reduce_mean(torch.tensor([float(rank), 10.0 * rank]))
@@ -181,6 +186,7 @@ def test_two_gloo_processes(tmp_path):
         assert torch.equal(out["grad"], 2 * weights[2 * rank:2 * rank + 2])
         assert torch.equal(out["mean"], torch.tensor([0.5, 5.0]))
         assert out["flags"] == (False, True, True, False) and out["sum"] == 3.0
+        assert out["host_flags"] == (True, False) and out["host_group"] == "gloo"
         assert torch.equal(out["cat"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
         assert out["broadcast"] == {"seed": 1235}
     assert [o["rank"] for o in outs[0]["gathered_objects"]] == [0, 1]
