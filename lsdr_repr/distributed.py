@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ process group
+_HOST_GROUP: list[Any] = []  # the gloo group of every rank for host flags (init_distributed)
+
+
 def init_distributed(
     env: DistEnv,
     device_type: str,
@@ -85,6 +88,9 @@ def init_distributed(
         timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+    # The gloo group for host flags (`any_true_on_host`), made now while every rank is here: made
+    # at its first use, a rank that died before then would leave the others waiting for it.
+    _HOST_GROUP[:] = [dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))]
     logger.info("rank %d/%d joined the %s group at %s", env.rank, env.world_size, backend, where)
     return device
 
@@ -216,13 +222,12 @@ def any_true_on_host(flag: bool) -> bool:
     return bool(t.item())
 
 
-_HOST_GROUP: list[Any] = []  # the gloo group of every rank for host flags, made on first use
-
 
 def _host_group() -> Any:
-    """A gloo group of every rank, created by the first call (collective: every rank makes that
-    first call at the same point, in `any_true_on_host`). Its own group even when the default is
-    gloo (CPU runs), so the CPU tests run the path an NCCL job takes."""
+    """The gloo group of every rank that `init_distributed` made (its own group even when the
+    default is gloo, so the CPU tests run the path an NCCL job takes); made here at the first
+    call when the process group was initialised elsewhere (collective: every rank makes that
+    first call at the same point, in `any_true_on_host`)."""
     if not _HOST_GROUP:
         _HOST_GROUP.append(dist.new_group(backend="gloo"))
     return _HOST_GROUP[0]

@@ -151,9 +151,10 @@ def train(cfg: Config, preempt: PreemptionFlag | None = None,
         words = lost_peer(exc) if env.is_distributed else None
         if words is None:
             raise
+        # on GPUs the stop agreement's gloo group may be the one that notices, not NCCL
+        backend = "gloo" if device.type != "cuda" or "gloo" in str(exc).lower() else "nccl"
         raise dist.DistributedError(
-            f"another rank of the job stopped ({'nccl' if device.type == 'cuda' else 'gloo'}: "
-            f"{words}); its log "
+            f"another rank of the job stopped ({backend}: {words}); its log "
             "names the cause. The checkpoints written so far are intact: run again to "
             "resume") from exc
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +193,45 @@ def test_two_gloo_processes(tmp_path):
         assert out["broadcast"] == {"seed": 1235}
     assert [o["rank"] for o in outs[0]["gathered_objects"]] == [0, 1]
     assert outs[1]["gathered_objects"] is None
+
+
+def _dying_worker(rank: int, port: int, folder: str) -> None:
+    """Rank 1 joins and dies at once (a failed start-up); rank 0 then asks for a stop agreement."""
+    import os
+
+    from lsdr_repr import distributed as d
+    from lsdr_repr.preemption import lost_peer
+
+    env = d.read_dist_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)})
+    d.init_distributed(env, "cpu", connect_timeout_s=60, timeout_s=300)
+    if rank == 1:
+        os._exit(1)
+    time.sleep(1.0)
+    start = time.monotonic()
+    try:
+        d.any_true_on_host(False)
+        outcome = "agreed"
+    except RuntimeError as exc:
+        outcome = lost_peer(exc) or f"other: {exc}"
+    Path(folder, "rank0.txt").write_text(f"{outcome}\n{time.monotonic() - start:.1f}")
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_a_rank_lost_after_start_up_fails_the_stop_agreement_fast(tmp_path):
+    """The agreement's gloo group is made while every rank is there (init_distributed): made at
+    its first use, the survivor would wait for the dead rank to join it until the timeout."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+            pytest.fail("a rank still waits for its dead peer")
+    outcome, seconds = (tmp_path / "rank0.txt").read_text().splitlines()
+    assert re.fullmatch(r"Connection (reset|closed) by peer", outcome), outcome
+    assert float(seconds) < 20
