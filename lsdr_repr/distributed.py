@@ -196,13 +196,14 @@ def all_true_on_device(flag: torch.Tensor) -> torch.Tensor:
     return t.bool()
 
 
-def any_true(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:
+def any_true(flag: bool | torch.Tensor, device: torch.device | str | None = None,
+             group: Any = None) -> bool:
     """Whether `flag` holds on any rank (e.g. one saw the preemption signal): the same answer on
-    every rank, so they all stop at the same step."""
+    every rank, so they all stop at the same step. `group`: the process group (default: all)."""
     if not is_distributed():
         return bool(flag)
     t = _as_float(flag, device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -217,10 +218,7 @@ def any_true_on_host(flag: bool) -> bool:
     is a collective)."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
-    return bool(t.item())
-
+    return any_true(flag, "cpu", group=_host_group())
 
 
 def _host_group() -> Any:

@@ -63,11 +63,9 @@ def select_(flag: torch.Tensor, targets: list[torch.Tensor], backups: list[torch
 
 class PendingFlag:
     """A 0-d bool computed on the device, read later with `bool(flag)`: the read waits for the
-    kernels queued before the flag, not for those queued after it (see the module docstring).
-    `device_flag` is the tensor itself, for work that stays on the device."""
+    kernels queued before the flag, not for those queued after it (see the module docstring)."""
 
     def __init__(self, flag: torch.Tensor) -> None:
-        self.device_flag = flag
         self._ready: torch.cuda.Event | None = None
         if flag.is_cuda:
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from run_dirs import checkpoint_steps
 
 from lsdr_repr import submit as sub
 from lsdr_repr.errors import SubmitError
@@ -275,14 +276,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
                    sub.SubmitOptions(gpus_per_node=0, tasks_per_node=1), workdir=tmp_path)
     t_signal = _signal_past(job_id, run_dir, 1, "USR2")  # once training is under way
 
-    def checkpoints() -> list[int]:
-        return sorted(int(p.stem.split("-")[1])
-                      for p in (run_dir / "checkpoints").glob("step-*.pt"))
-
     # The second signal once the restarted job has logged a step past the first checkpoint.
     _wait(job_id, run_dir, timeout=150,
           until=lambda j: j["Restarts"] == "1" or j["JobState"] in ("FAILED", "CANCELLED"))
-    first = checkpoints()
+    first = checkpoint_steps(run_dir)
     assert len(first) == 1, (first, _logs(run_dir, job_id))
     # room for a step past the checkpoint and a signal well before the last step (a TERM in the
     # final step ends the run complete, with 0, and there would be no second requeue)
@@ -307,7 +304,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_twice(slurm_cluster, sam
     # The checkpoints written on the signals, and each resume from exactly that step.
     from lsdr_repr.checkpoint import load_checkpoint
 
-    steps = checkpoints()
+    steps = checkpoint_steps(run_dir)
     assert len(steps) == 3 and steps[-1] == total and 2 <= steps[0] < steps[1] < total, steps
     for step in steps:  # sha256 verified, weights_only load: none is corrupt
         path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
