@@ -233,8 +233,9 @@ def _host_group() -> Any:
 
 def all_sum(x: torch.Tensor | float, device: torch.device | str | None = None) -> torch.Tensor:
     """The sum over ranks of `x` (a number or a tensor), as a new tensor; a copy when alone."""
+    # torch.full, not torch.tensor: a fill on the device, no copy the host would wait for
     t = (x.detach().clone() if isinstance(x, torch.Tensor)
-         else torch.tensor(float(x), device=device))
+         else torch.full((), float(x), device=device))
     if is_distributed():
         dist.all_reduce(t)
     return t

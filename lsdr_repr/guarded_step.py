@@ -14,12 +14,9 @@ counts), so the flag can stay there and the host reads it a step later (`Trainer
 with a lag, and at every log, checkpoint and exit boundary before it acts on it). Other
 optimisers (timm's LARS) keep the synchronous check.
 
-Reading a flag later must not wait for the work queued after it: `bool(tensor)` queues its copy
-at the tail of the stream, so reading step k-1's flag once step k is queued would wait for step k
-to finish too, and the GPU would then idle while the host launches step k+1 (about 1.2 ms per
-step for ViT-S/16 on an H100, in a profile of the end-to-end loop). A `PendingFlag` copies the
-flag to pinned host memory as soon as it is computed and records an event there, so reading it
-waits for its own step only.
+Reading a flag later must not wait for the work queued after it: a `PendingFlag` copies the flag
+to the host as soon as it is computed (`lsdr_repr.host_copy.HostCopy`), so reading step k-1's
+flag once step k is queued waits for step k-1 only.
 
 fp16: a `torch.amp.GradScaler` scales the loss; a step whose scaled gradients overflow is skipped
 by the scaler and its scale lowered (its normal calibration, not a divergence: the loss was
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from lsdr_repr import distributed as dist
+from lsdr_repr.host_copy import HostCopy
 
 __all__ = ["GuardedStep", "PendingFlag", "autocast_dtype", "make_scaler", "select_"]
 
@@ -63,22 +61,13 @@ def select_(flag: torch.Tensor, targets: list[torch.Tensor], backups: list[torch
 
 class PendingFlag:
     """A 0-d bool computed on the device, read later with `bool(flag)`: the read waits for the
-    kernels queued before the flag, not for those queued after it (see the module docstring)."""
+    kernels queued before the flag, not for those queued after it (`HostCopy`)."""
 
     def __init__(self, flag: torch.Tensor) -> None:
-        self._ready: torch.cuda.Event | None = None
-        if flag.is_cuda:
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._host.copy_(flag, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(flag.device))
-        else:
-            self._host = flag
+        self._copy = HostCopy(flag)
 
     def __bool__(self) -> bool:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return bool(self._host)
+        return bool(self._copy.get())
 
 
 def _supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:

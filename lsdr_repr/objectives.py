@@ -397,27 +397,50 @@ class BarlowTwinsLoss(nn.Module):
 def embedding_diagnostics(z: Tensor) -> dict[str, float]:
     """z [N, D] (N >= 2) -> {"std_mean", "std_min": per-feature std (1/N) over the batch,
     "corr_offdiag_abs": mean |off-diagonal correlation|, "rankme": exp of the entropy of the
-    normalised singular values of z (Garrido et al. 2023, RankMe; eps 1e-7)}."""
+    normalised singular values of z (Garrido et al. 2023, RankMe; eps 1e-7)}; NaN for a
+    non-finite z (a diverging run is reported, not crashed on)."""
+    stats = embedding_statistics(z)
+    return diagnostics_from_statistics({k: v.cpu() for k, v in stats.items()})
+
+
+@torch.no_grad()
+def embedding_statistics(z: Tensor) -> dict[str, Tensor]:
+    """z [N, D] (N >= 2) -> the device half of `embedding_diagnostics`, with no host sync (the
+    trainer reads them a step later): 0-d "std_mean", "std_min", "corr_offdiag_abs" (NaN when z
+    is not finite), "finite" (bool), and "gram" [M, M] float64, M = min(N, D): z z^T or z^T z,
+    whose eigenvalues are z's squared singular values (RankMe's input)."""
     if z.ndim != 2 or z.shape[0] < 2:
         raise ValueError(f"embedding_diagnostics needs [N >= 2, D], got {tuple(z.shape)}")
     z = z.detach().float()
-    if not bool(torch.isfinite(z).all()):  # a diverging run is reported, not crashed on
-        return dict.fromkeys(("std_mean", "std_min", "corr_offdiag_abs", "rankme"), math.nan)
+    finite = torch.isfinite(z).all()
+    z = torch.where(finite, z, torch.zeros((), device=z.device))
     std = z.std(dim=0, correction=0)
-    cov = covariance(z)
     inv_std = 1.0 / std.clamp_min(1e-12)
-    corr = cov * inv_std[:, None] * inv_std[None, :]
+    corr = covariance(z) * inv_std[:, None] * inv_std[None, :]
     d = z.shape[1]
-    corr_abs = off_diagonal(corr).abs().mean() if d > 1 else torch.zeros((), device=z.device)
-    s = torch.linalg.svdvals(z)
+    # the diagonal zeroed, not selected out: masked_select waits for the device
+    corr_abs = ((corr - torch.diag_embed(torch.diagonal(corr))).abs().sum() / (d * (d - 1))
+                if d > 1 else torch.zeros((), device=z.device))
+    nan = torch.full((), math.nan, device=z.device)
+    zd = z.double()  # float64: the smallest singular values are square roots of eigenvalues
+    gram = zd @ zd.T if z.shape[0] <= z.shape[1] else zd.T @ zd
+    return {"std_mean": torch.where(finite, std.mean(), nan),
+            "std_min": torch.where(finite, std.min(), nan),
+            "corr_offdiag_abs": torch.where(finite, corr_abs, nan),
+            "finite": finite, "gram": gram}
+
+
+def diagnostics_from_statistics(stats: dict[str, Tensor]) -> dict[str, float]:
+    """`embedding_statistics` (on the CPU) -> `embedding_diagnostics`'s floats."""
+    keys = ("std_mean", "std_min", "corr_offdiag_abs", "rankme")
+    if not bool(stats["finite"]):
+        return dict.fromkeys(keys, math.nan)
+    eig = torch.linalg.eigvalsh(stats["gram"].double())
+    s = eig.clamp_min(0).sqrt()
     p = s / s.sum().clamp_min(1e-12) + 1e-7
     rankme = torch.exp(-(p * torch.log(p)).sum())
-    return {
-        "std_mean": std.mean().item(),
-        "std_min": std.min().item(),
-        "corr_offdiag_abs": corr_abs.item(),
-        "rankme": rankme.item(),
-    }
+    return {"std_mean": float(stats["std_mean"]), "std_min": float(stats["std_min"]),
+            "corr_offdiag_abs": float(stats["corr_offdiag_abs"]), "rankme": float(rankme)}
 
 
 @torch.no_grad()

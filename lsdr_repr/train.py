@@ -52,6 +52,7 @@ from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.staging.feed import Staging
 from lsdr_repr.staging.prefetch import Staged
+from lsdr_repr.step_metrics import PendingMetrics
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,8 @@ class Trainer:
         # Finite flags of steps not yet read on the host (deferred check): (step, flag).
         self._pending_flags: list[tuple[int, bool | PendingFlag]] = []
         self._nonfinite_streak = 0
+        # The last log step's record, written once the next step is queued (_write_log).
+        self._pending_log: PendingMetrics | None = None
         loader = make_train_loader(
             cfg.data, seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
             data=self.train_data,
@@ -545,6 +548,7 @@ class Trainer:
                 if staged is None:  # a stop signal while waiting for this step's batch
                     exit_code = self._stop_status(preempt)
                     self._resolve_flags(keep=0)
+                    self._write_log()
                     if self.step > started_at:
                         last_ckpt = self._save_before_stopping() or last_ckpt
                     log.warning("%s at step %d while waiting for data: checkpoint %s, exiting "
@@ -566,18 +570,18 @@ class Trainer:
                 # Deferred: the newest step's flag stays on the device (the host runs ahead);
                 # every boundary below that acts on the state reads all of them first.
                 self._resolve_flags(keep=1 if self.stepper.deferred else 0)
+                self._write_log()  # the previous log step's, now that this step is queued
 
                 due_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
                 due_save = self.checkpointer.due(self.step)
-                if due_log or due_save or self.step >= end:
-                    self._resolve_flags(keep=0)
                 if due_log:
                     elapsed = time.perf_counter() - window_start
-                    metrics = self._metrics(loss, out, window_samples / elapsed,
-                                            window_wait / elapsed)
-                    self.tracker.log(metrics, self.step)
-                    self.progress.update(self.step, metrics)
+                    self._pending_log = self._queue_metrics(loss, out, window_samples / elapsed,
+                                                            window_wait / elapsed)
                     window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+                if due_save or self.step >= end:
+                    self._resolve_flags(keep=0)
+                    self._write_log()
                 self._periodic_media(views)
                 if self.validator is not None and self.validator.should_run(self.step):
                     self.tracker.log(self.validator.run(self.model.backbone, self.step),
@@ -586,6 +590,7 @@ class Trainer:
                 stop = self._agree(preempt.is_set)
                 if stop:
                     self._resolve_flags(keep=0)
+                    self._write_log()
                 if stop and self.step >= cfg.total_steps:
                     # The signal came during the final step: the run is complete, and exit 3
                     # would make the SLURM script requeue a finished job.
@@ -605,6 +610,7 @@ class Trainer:
                 if self.step_hook is not None:
                     self.step_hook(self)
             self._resolve_flags(keep=0)
+            self._write_log()
             paused = self.step < cfg.total_steps and exit_code == EXIT_OK
         except TrainingDiverged as exc:
             log.error("%s", exc)
@@ -646,11 +652,12 @@ class Trainer:
         except StopWhileWaiting:
             return None
 
-    def _resolve_flags(self, keep: int) -> None:
-        """Read the finite flags of all but the newest `keep` pending steps (a `PendingFlag`
-        waits for its own step only, not for the step queued since) and apply the divergence
-        rule to each, in step order."""
-        while len(self._pending_flags) > keep:
+    def _resolve_flags(self, keep: int = 0, through: int | None = None) -> None:
+        """Read the finite flags of all but the newest `keep` pending steps, or of the steps up
+        to `through` (a `PendingFlag` waits for its own step only, not for the step queued
+        since), and apply the divergence rule to each, in step order."""
+        while len(self._pending_flags) > keep and (
+                through is None or self._pending_flags[0][0] <= through):
             step, flag = self._pending_flags.pop(0)
             if bool(flag):
                 self._nonfinite_streak = 0
@@ -697,30 +704,39 @@ class Trainer:
         over a CPU group, so the per-step call does not wait for the GPU (`any_true_on_host`)."""
         return dist.any_true_on_host(flag)
 
-    def _metrics(self, loss: torch.Tensor, out, samples_per_s: float, wait_frac: float) -> dict:
-        metrics = {f"loss/{k}": float(v) for k, v in out.terms.items()}
-        metrics["loss/total"] = float(loss)
-        skipped = dist.all_sum(self.skipped_samples, self.device)
-        metrics.update({
+    def _queue_metrics(self, loss: torch.Tensor, out, samples_per_s: float,
+                       wait_frac: float) -> PendingMetrics:
+        """This step's log record, its device values on their way to the host (no sync)."""
+        host = {
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": samples_per_s,
             "pairs_per_s": samples_per_s,  # one sample = one pair of global views
             "data_wait_frac": wait_frac,
             "samples_seen": self.step * self.global_batch,
-            "skipped_samples": float(skipped.item()),
-            "nonfinite_steps": self.nonfinite_total,
-        })
+        }
         if self.samples_per_epoch:
-            metrics["epoch"] = self.step * self.global_batch / self.samples_per_epoch
+            host["epoch"] = self.step * self.global_batch / self.samples_per_epoch
         if self.device.type == "cuda":
-            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             # CUDA-graph pools (compile_mode=reduce-overhead) are reserved, not allocated
-            metrics["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            host["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         if self.scaler is not None:  # fp16: falls when the scaler skips an overflowing step
-            metrics["amp/loss_scale"] = self.scaler.get_scale()
-        diag = embedding_diagnostics(self._last_projection)
-        metrics.update({f"diag/{k}": v for k, v in diag.items()})
-        return metrics
+            host["amp/loss_scale"] = self.scaler.get_scale()
+        device = {f"loss/{k}": v for k, v in out.terms.items()}
+        device["loss/total"] = loss
+        # a collective on every rank at the same step; under NCCL it stays on the device
+        device["skipped_samples"] = dist.all_sum(self.skipped_samples, self.device)
+        return PendingMetrics(self.step, host, device, self._last_projection)
+
+    def _write_log(self) -> None:
+        """Log the pending record (`_queue_metrics`), with the non-finite steps up to its step."""
+        pending, self._pending_log = self._pending_log, None
+        if pending is None:
+            return
+        self._resolve_flags(through=pending.step)
+        metrics = {**pending.metrics(), "nonfinite_steps": self.nonfinite_total}
+        self.tracker.log(metrics, pending.step)
+        self.progress.update(pending.step, metrics)
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train

@@ -1,0 +1,75 @@
+"""The training log read a step late (`lsdr_repr.step_metrics`, `lsdr_repr.host_copy`): a record
+holds its own step's values, the trainer writes it once the next step is queued, and every record
+is written by the time `run` returns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_accumulate import trainer_for
+
+from lsdr_repr.host_copy import HostCopy
+from lsdr_repr.objectives import embedding_diagnostics
+from lsdr_repr.step_metrics import PendingMetrics
+
+
+def test_a_host_copy_of_a_cpu_tensor_is_ready_and_holds_its_values():
+    copy = HostCopy(torch.tensor([1.5, -2.0]))
+    assert copy.ready()
+    assert copy.get().tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (6, 40)])  # the Gram matrix of the smaller side
+def test_a_pending_record_holds_the_values_and_the_diagnostics_of_its_step(shape):
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    loss = torch.tensor(3.25)
+    pending = PendingMetrics(7, {"lr": 0.1}, {"loss/total": loss, "skipped": torch.tensor(2.0)},
+                             z)
+    loss.add_(1.0)  # what a CUDA graph's next replay does to its output; the record copied it
+    z.mul_(10.0)
+    metrics = pending.metrics()
+    assert pending.step == 7 and metrics["loss/total"] == 3.25 and metrics["lr"] == 0.1
+    assert metrics["skipped"] == 2.0
+    expected = embedding_diagnostics(z / 10.0)
+    for key, value in expected.items():
+        assert metrics[f"diag/{key}"] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_pending_record_of_a_non_finite_embedding_reports_nan_diagnostics():
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    z[3, 2] = math.inf
+    metrics = PendingMetrics(1, {}, {"loss/total": torch.tensor(math.nan)}, z).metrics()
+    assert set(metrics) == {"loss/total", "diag/std_mean", "diag/std_min",
+                            "diag/corr_offdiag_abs", "diag/rankme"}
+    assert all(math.isnan(v) for v in metrics.values())
+
+
+def test_the_trainer_writes_each_record_a_step_late_with_its_own_steps_values(sample_shards,
+                                                                             tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = trainer_for(sample_shards, run_dir, "train.total_steps=4",
+                          "train.checkpoint_every=100")
+    written: dict[int, list[int]] = {}
+    diagnostics: dict[int, dict[str, float]] = {}
+
+    def records() -> list[dict]:
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [r for r in map(json.loads, lines) if "loss/total" in r["metrics"]]
+
+    def hook(t) -> None:
+        written[t.step] = [r["step"] for r in records()]
+        diagnostics[t.step] = embedding_diagnostics(t._last_projection)
+
+    trainer.step_hook = hook
+    assert trainer.run().exit_code == 0
+    # Step k's record is written while step k + 1 runs; the last one before run() returns.
+    assert written == {1: [], 2: [1], 3: [1, 2], 4: [1, 2, 3, 4]}
+    for record in records():
+        step, metrics = record["step"], record["metrics"]
+        assert metrics["samples_seen"] == step * 16
+        for key, value in diagnostics[step].items():  # that step's projection, not the next's
+            assert metrics[f"diag/{key}"] == pytest.approx(value, rel=1e-4), (step, key)
