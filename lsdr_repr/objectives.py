@@ -418,9 +418,10 @@ def embedding_statistics(z: Tensor) -> dict[str, Tensor]:
     inv_std = 1.0 / std.clamp_min(1e-12)
     corr = covariance(z) * inv_std[:, None] * inv_std[None, :]
     d = z.shape[1]
-    # the diagonal zeroed, not selected out: masked_select waits for the device
-    corr_abs = ((corr - torch.diag_embed(torch.diagonal(corr))).abs().sum() / (d * (d - 1))
-                if d > 1 else torch.zeros((), device=z.device))
+    # the diagonal zeroed in place, not selected out: masked_select waits for the device, and
+    # corr is D x D (256 MiB at D = 8192)
+    corr.diagonal().zero_()
+    corr_abs = corr.abs_().sum() / (d * (d - 1)) if d > 1 else torch.zeros((), device=z.device)
     nan = torch.full((), math.nan, device=z.device)
     zd = z.double()  # float64: the smallest singular values are square roots of eigenvalues
     gram = zd @ zd.T if z.shape[0] <= z.shape[1] else zd.T @ zd

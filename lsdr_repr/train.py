@@ -567,10 +567,12 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 window_samples += self.global_batch
                 self._pending_flags.append((self.step, applied))
+                # The previous log step's record, now that this step is queued; before this
+                # step's flag is read, so that its non-finite count stops at its own step.
+                self._write_log()
                 # Deferred: the newest step's flag stays on the device (the host runs ahead);
                 # every boundary below that acts on the state reads all of them first.
                 self._resolve_flags(keep=1 if self.stepper.deferred else 0)
-                self._write_log()  # the previous log step's, now that this step is queued
 
                 due_log = self.step % cfg.log_every == 0 or self.step == cfg.total_steps
                 due_save = self.checkpointer.due(self.step)
@@ -720,9 +722,12 @@ class Trainer:
             host["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             # CUDA-graph pools (compile_mode=reduce-overhead) are reserved, not allocated
             host["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / 2**30
-        if self.scaler is not None:  # fp16: falls when the scaler skips an overflowing step
-            host["amp/loss_scale"] = self.scaler.get_scale()
         device = {f"loss/{k}": v for k, v in out.terms.items()}
+        if self.scaler is not None:  # fp16: falls when the scaler skips an overflowing step
+            # the scale tensor, copied with the record (get_scale() would wait for the GPU)
+            scale = self.scaler._get_scale_async()
+            if scale is not None:
+                device["amp/loss_scale"] = scale
         device["loss/total"] = loss
         # a collective on every rank at the same step; under NCCL it stays on the device
         device["skipped_samples"] = dist.all_sum(self.skipped_samples, self.device)

@@ -13,6 +13,7 @@ from test_accumulate import trainer_for
 
 from lsdr_repr.host_copy import HostCopy
 from lsdr_repr.objectives import embedding_diagnostics
+from lsdr_repr.preemption import EXIT_DIVERGED
 from lsdr_repr.step_metrics import PendingMetrics
 
 
@@ -73,3 +74,20 @@ def test_the_trainer_writes_each_record_a_step_late_with_its_own_steps_values(sa
         assert metrics["samples_seen"] == step * 16
         for key, value in diagnostics[step].items():  # that step's projection, not the next's
             assert metrics[f"diag/{key}"] == pytest.approx(value, rel=1e-4), (step, key)
+
+
+# SGD (fused: the finite check deferred) and LARS (read at once): lr 1e30 makes every step after
+# the first non-finite; the third in a row stops the run at step 4.
+@pytest.mark.parametrize("optim", ["sgd", "lars"])
+def test_each_record_counts_the_non_finite_steps_up_to_its_own(sample_shards, tmp_path, optim):
+    run_dir = tmp_path / "run"
+    trainer = trainer_for(sample_shards, run_dir, f"optim.name={optim}", "optim.lr=1e30",
+                          "train.total_steps=8", "train.checkpoint_every=100",
+                          "train.max_nonfinite_steps=3")
+    assert trainer.stepper.deferred == (optim == "sgd")
+    assert trainer.run().exit_code == EXIT_DIVERGED
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = {r["step"]: r["metrics"]["nonfinite_steps"] for r in records
+              if "nonfinite_steps" in r["metrics"]}
+    # step 4's flag ends the run: the records of steps 1-3 were written before it was read
+    assert counts == {1: 0, 2: 1, 3: 2}
