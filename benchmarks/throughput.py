@@ -94,7 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--augment-rows", default="eager,compiled,old",
                    help="augmentation-alone rows to measure (eager|compiled|old, comma "
                    "separated; empty: none; the end-to-end variants build theirs anyway)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per row")
+    p.add_argument("--steps", type=int, default=40,
+                   help="timed steps per row; end-to-end rows record how many of theirs were "
+                   "train.log_every steps (log_steps): --steps = log_every counts the log at "
+                   "its real rate")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--images", type=int, default=5000, help="synthetic images to write")
     p.add_argument("--source-width", default="380,620", help="min,max width of the images")
@@ -508,6 +511,7 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
                               micro_batches=saved_staging.micro_batches, ahead=overlap)
     trainer.step_hook = hook
     result: dict = {}
+    first_timed = trainer.step + warmup + 1
     try:
         start = time.perf_counter()
         with trainer.forward_module(multiview):
@@ -521,6 +525,9 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
             "warmup_s": stamps[warmup - 1] - start,
             "peak_gb": peak_gb(trainer.device),
             "peak_reserved_gb": peak_reserved_gb(trainer.device),
+            # a log step drains less than it did, but still costs: compare rows that hold
+            # the same number (--steps = train.log_every counts it at its real rate)
+            "log_steps": log_steps_in(first_timed, steps, trainer.cfg.train.log_every),
         }
         if profile_steps:
             trainer.step_hook = None
@@ -531,6 +538,11 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
         trainer.staging = saved_staging
         close_loader(loader)
     return result
+
+
+def log_steps_in(first: int, steps: int, log_every: int) -> int:
+    """How many of the steps first .. first + steps - 1 are `train.log_every` steps."""
+    return (first + steps - 1) // log_every - (first - 1) // log_every
 
 
 def profile_steps_of(trainer: Any, steps: int, out_dir: Path | None, name: str) -> dict:
@@ -729,7 +741,7 @@ def format_table(report: dict) -> str:
         notes = []
         for key in ("peak_reserved_gb", "step_ms", "batch_ms", "call_ms", "decode_ms",
                     "resize_loop_ms",
-                    "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s"):
+                    "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s", "log_steps"):
             if r.get(key) is not None:
                 notes.append(f"{key}={r[key]:.1f}" if isinstance(r[key], float)
                              else f"{key}={r[key]}")

@@ -51,6 +51,9 @@ def test_throughput_script_measures_every_row_on_cpu(tmp_path, capsys):
     e2e = rows["end-to-end cpu:shrunk:on:eager:w1#1"]
     assert 0.0 <= e2e["data_wait_frac"] <= 1.0
     assert e2e["profile"]["steps"] == 1
+    # each timed window says how many log steps it held (their cost is in its rate)
+    assert all(isinstance(r["log_steps"], int) and 0 <= r["log_steps"] <= 2
+               for r in report["rows"] if r["kind"] == "end-to-end")
     # the timeline is written and summarised (host side only on a CPU)
     assert (out / "trace_cpu-shrunk-on-eager-w1.json.gz").stat().st_size > 0
     assert e2e["profile"]["timeline"]["host_blocked_ms_per_step"] >= 0.0
@@ -137,3 +140,15 @@ def test_ddp_scaling_runs_throughput_under_torchrun_at_each_size(tmp_path, capsy
     with pytest.raises(SystemExit) as exc:  # the script owns --out: one clear usage error
         ddp_scaling.main(["--out", str(out), "--", "--out", "elsewhere"])
     assert exc.value.code == 2 and "--out after `--`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("first", "steps", "log_every", "expected"), [
+    (31, 30, 50, 1),   # steps 31-60 hold step 50 (the fifteenth session's windows)
+    (51, 50, 50, 1),   # one whole period always holds exactly one
+    (1, 49, 50, 0),
+    (50, 1, 50, 1),
+    (1, 100, 50, 2),
+    (7, 5, 1, 5),
+])
+def test_log_steps_in_a_timed_window(first, steps, log_every, expected):
+    assert throughput.log_steps_in(first, steps, log_every) == expected
