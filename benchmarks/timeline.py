@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -28,29 +29,25 @@ SYNC_OPS = ("aten::item", "aten::is_nonzero", "aten::_local_scalar_dense",
             "cudaMemcpy", "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize")
 
 
+def _merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """[start, end) intervals -> their union as disjoint intervals, in time order."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def union_us(intervals: Iterable[tuple[float, float]]) -> float:
     """Total length of the union of [start, end) intervals (microseconds in, microseconds out)."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
+    return sum((end - start for start, end in _merged(intervals)), 0.0)
 
 
 def _gaps(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """The gaps between the merged intervals, in time order."""
-    gaps, end = [], None
-    for start, stop in sorted(intervals):
-        if end is not None and start > end:
-            gaps.append((end, start))
-        end = stop if end is None else max(end, stop)
-    return gaps
+    return [(a[1], b[0]) for a, b in pairwise(_merged(intervals))]
 
 
 def _overlap_us(gap: tuple[float, float], intervals: Sequence[tuple[float, float]]) -> float:
@@ -98,6 +95,7 @@ def timeline_summary(events: Sequence[dict[str, Any]], steps: int, top_gaps: int
     everything = [iv for ivs in streams.values() for iv in ivs]
     others = [iv for s, ivs in streams.items() if s != main for iv in ivs]
     span = max(e for _, e in everything) - min(s for s, _ in everything)
+    busy_all = union_us(everything)
     main_idle = span - busy[main]
     while_others = sum(_overlap_us(g, others) for g in _gaps(streams[main]))
     # the whole-GPU gaps, the op that ends each, and when the host launched it
@@ -117,12 +115,12 @@ def timeline_summary(events: Sequence[dict[str, Any]], steps: int, top_gaps: int
     gaps.sort(key=lambda g: -g["us"])
     summary.update({
         "span_ms_per_step": span / per_step,
-        "gpu_busy_ms_per_step": union_us(everything) / per_step,
+        "gpu_busy_ms_per_step": busy_all / per_step,
         "stream_busy_ms_per_step": {str(s): v / per_step for s, v in busy.items()},
         "main_stream": str(main),
         "main_idle_ms_per_step": main_idle / per_step,
         "main_idle_while_other_streams_ms_per_step": while_others / per_step,
-        "gpu_idle_ms_per_step": (span - union_us(everything)) / per_step,
+        "gpu_idle_ms_per_step": (span - busy_all) / per_step,
         "largest_gpu_gaps": gaps[:top_gaps],
     })
     return summary

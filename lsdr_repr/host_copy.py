@@ -32,10 +32,6 @@ class HostCopy:
         else:
             self._host = tensor.detach()
 
-    def ready(self) -> bool:
-        """Whether `get()` would return without waiting."""
-        return self._ready is None or self._ready.query()
-
     def get(self) -> torch.Tensor:
         """The host copy, once the work queued before it has finished."""
         if self._ready is not None:

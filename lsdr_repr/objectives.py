@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -431,8 +431,9 @@ def embedding_statistics(z: Tensor) -> dict[str, Tensor]:
             "finite": finite, "gram": gram}
 
 
-def diagnostics_from_statistics(stats: dict[str, Tensor]) -> dict[str, float]:
-    """`embedding_statistics` (on the CPU) -> `embedding_diagnostics`'s floats."""
+def diagnostics_from_statistics(stats: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """`embedding_statistics` (on the CPU; the 0-d ones may be numbers) -> `embedding_diagnostics`'s
+    floats."""
     keys = ("std_mean", "std_min", "corr_offdiag_abs", "rankme")
     if not bool(stats["finite"]):
         return dict.fromkeys(keys, math.nan)

@@ -38,17 +38,10 @@ class PendingMetrics:
         packed = torch.stack([v.detach().reshape(()).to(torch.float64) for v in scalars.values()])
         self._scalars = HostCopy(packed)
 
-    def ready(self) -> bool:
-        """Whether `metrics()` would return without waiting for the device."""
-        return self._scalars.ready() and self._gram.ready()
-
     def metrics(self) -> dict[str, float]:
         """The whole record (waits for the step's device values if they are not in yet)."""
         values = dict(zip(self._keys, self._scalars.get().tolist(), strict=True))
-        stats = {k.removeprefix("diag/"): torch.tensor(values.pop(k))
+        stats = {k.removeprefix("diag/"): values.pop(k)
                  for k in list(values) if k.startswith("diag/")}
-        stats["gram"] = self._gram.get()
-        stats["finite"] = bool(stats["finite"])
-        diag = diagnostics_from_statistics(stats)
-        return {**{k: float(v) for k, v in values.items()}, **self._host,
-                **{f"diag/{k}": v for k, v in diag.items()}}
+        diag = diagnostics_from_statistics({**stats, "gram": self._gram.get()})
+        return {**values, **self._host, **{f"diag/{k}": v for k, v in diag.items()}}
