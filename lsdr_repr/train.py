@@ -622,6 +622,7 @@ class Trainer:
             # DistributedError: exit 2)
             exit_code = (EXIT_BAD_INPUT if self.world_size > 1 and lost_peer(exc)
                          else exit_code_for(exc))
+            self._write_log_after_failure()
             raise
         finally:
             self.staging.wait_ahead = self.staging.wait_on_demand = contextlib.nullcontext
@@ -742,6 +743,20 @@ class Trainer:
         metrics = {**pending.metrics(), "nonfinite_steps": self.nonfinite_total}
         self.tracker.log(metrics, pending.step)
         self.progress.update(pending.step, metrics)
+
+    def _write_log_after_failure(self) -> None:
+        """Log the pending record on the way out of a failed loop (a lost peer, a checkpoint
+        error, Ctrl-C twice): its step ran, and the synchronous log had written it already.
+        Best effort: no finite flag is read (that could raise again), and a record that cannot be
+        read from a broken device is reported, not raised over the real error."""
+        pending, self._pending_log = self._pending_log, None
+        if pending is None:
+            return
+        try:
+            metrics = {**pending.metrics(), "nonfinite_steps": self.nonfinite_total}
+            self.tracker.log(metrics, pending.step)
+        except Exception as exc:  # the loop's own error is the one to raise
+            log.warning("the log record of step %d was lost: %s", pending.step, exc)
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
         cfg = self.cfg.train

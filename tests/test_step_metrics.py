@@ -89,3 +89,19 @@ def test_each_record_counts_the_non_finite_steps_up_to_its_own(sample_shards, tm
               if "nonfinite_steps" in r["metrics"]}
     # step 4's flag ends the run: the records of steps 1-3 were written before it was read
     assert counts == {1: 0, 2: 1, 3: 2}
+
+
+def test_a_loop_that_fails_still_writes_the_record_of_its_last_log_step(sample_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = trainer_for(sample_shards, run_dir, "train.total_steps=6",
+                          "train.checkpoint_every=100")
+
+    def hook(t) -> None:
+        if t.step == 3:  # step 3 ran and its record is pending: what a lost peer looks like
+            raise RuntimeError("peer lost")
+
+    trainer.step_hook = hook
+    with pytest.raises(RuntimeError, match="peer lost"):
+        trainer.run()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/total" in r["metrics"]] == [1, 2, 3]
