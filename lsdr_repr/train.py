@@ -755,7 +755,7 @@ class Trainer:
         try:
             metrics = {**pending.metrics(), "nonfinite_steps": self.nonfinite_total}
             self.tracker.log(metrics, pending.step)
-        except Exception as exc:  # the loop's own error is the one to raise
+        except Exception as exc:  # noqa: BLE001 - the loop's own error is the one to raise
             log.warning("the log record of step %d was lost: %s", pending.step, exc)
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
