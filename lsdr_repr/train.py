@@ -52,7 +52,7 @@ from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.staging.feed import Staging
 from lsdr_repr.staging.prefetch import Staged
-from lsdr_repr.step_metrics import PendingMetrics
+from lsdr_repr.step_metrics import PendingMetrics, one_intra_op_thread
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -770,9 +770,11 @@ class Trainer:
                 col_labels=[f"image {j + 1}" for j in range(len(shown[0]))])
         if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
             z = self._last_projection
+            with one_intra_op_thread():  # RankMe's eigendecomposition on the host
+                rankme = embedding_diagnostics(z)["rankme"]
             self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
                                       num_samples=z.shape[0],  # this rank's batch
-                                      rankme=embedding_diagnostics(z)["rankme"])
+                                      rankme=rankme)
 
 
 def _stopped(exit_code: int) -> str:

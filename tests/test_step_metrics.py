@@ -105,3 +105,24 @@ def test_a_loop_that_fails_still_writes_the_record_of_its_last_log_step(sample_s
         trainer.run()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss/total" in r["metrics"]] == [1, 2, 3]
+
+
+def test_a_record_finds_its_eigenvalues_on_one_thread_and_restores_the_thread_count(monkeypatch):
+    # many threads meet at LAPACK's barriers, which wait while loader workers hold the cores
+    seen: list[int] = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def counting_eigvalsh(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return eigvalsh(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counting_eigvalsh)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+        metrics = PendingMetrics(1, {}, {"loss/total": torch.tensor(1.0)}, z).metrics()
+        assert seen == [1] and torch.get_num_threads() == 2
+        assert metrics["diag/rankme"] == pytest.approx(embedding_diagnostics(z)["rankme"])
+    finally:
+        torch.set_num_threads(before)
