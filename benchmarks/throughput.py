@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -528,6 +529,8 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
             # a log step drains less than it did, but still costs: compare rows that hold
             # the same number (--steps = train.log_every counts it at its real rate)
             "log_steps": log_steps_in(first_timed, steps, trainer.cfg.train.log_every),
+            # the mean above hides where the time went: one slow step (a log record) or all
+            **step_spread(stamps[warmup - 1:]),
         }
         if profile_steps:
             trainer.step_hook = None
@@ -538,6 +541,13 @@ def measure_end_to_end(trainer: Any, data_cfg: Any, steps: int, warmup: int, ove
         trainer.staging = saved_staging
         close_loader(loader)
     return result
+
+
+def step_spread(stamps: list[float]) -> dict[str, float]:
+    """Loop-iteration end times [s], the first one the window's start -> the median and the
+    slowest step of the window [ms] (a steady state far below the mean means a few slow steps)."""
+    steps = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+    return {"step_ms_median": statistics.median(steps), "step_ms_max": max(steps)}
 
 
 def log_steps_in(first: int, steps: int, log_every: int) -> int:
@@ -740,8 +750,8 @@ def format_table(report: dict) -> str:
         pairs_s = f"{pairs:8.0f}" if pairs else "       -"
         notes = []
         for key in ("peak_reserved_gb", "step_ms", "batch_ms", "call_ms", "decode_ms",
-                    "resize_loop_ms",
-                    "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s", "log_steps"):
+                    "resize_loop_ms", "resize_batched_ms", "distinct_sizes", "loader_pairs_per_s",
+                    "log_steps", "step_ms_median", "step_ms_max"):
             if r.get(key) is not None:
                 notes.append(f"{key}={r[key]:.1f}" if isinstance(r[key], float)
                              else f"{key}={r[key]}")

@@ -152,3 +152,13 @@ def test_ddp_scaling_runs_throughput_under_torchrun_at_each_size(tmp_path, capsy
 ])
 def test_log_steps_in_a_timed_window(first, steps, log_every, expected):
     assert throughput.log_steps_in(first, steps, log_every) == expected
+
+
+def test_the_step_spread_finds_one_slow_step_in_a_window():
+    # ten steps of 80 ms, one of them 1.5 s (a log record written the slow way)
+    stamps = [0.0]
+    for i in range(10):
+        stamps.append(stamps[-1] + (1.5 if i == 4 else 0.08))
+    spread = throughput.step_spread(stamps)
+    assert spread["step_ms_median"] == pytest.approx(80.0)
+    assert spread["step_ms_max"] == pytest.approx(1500.0)
