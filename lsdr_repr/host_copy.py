@@ -32,6 +32,10 @@ class HostCopy:
         else:
             self._host = tensor.detach()
 
+    def ready(self) -> bool:
+        """Whether `get` would return at once (the work queued before the copy has finished)."""
+        return self._ready is None or self._ready.query()
+
     def get(self) -> torch.Tensor:
         """The host copy, once the work queued before it has finished."""
         if self._ready is not None:

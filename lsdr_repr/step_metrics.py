@@ -13,8 +13,8 @@ per core, LAPACK's threads meet at a barrier for each of its many small steps, a
 loader's workers hold every core those barriers wait for threads that are not running: 45-70 ms
 at 16 threads on two saturated cores here, once 2.1 s. The first GPU measurement of this deferred
 log (ViT-S/16 on an H100, 14 loader workers) lost about 1.5 s per record, with the steps between
-records at full speed; this is the one multi-threaded CPU operation in a record, so the suspected
-cause (benchmarks/RESULTS.md, issue 18, sixteenth session; not yet re-measured). It runs while the
+records at full speed; this is the one multi-threaded CPU operation in a record, so it is the
+suspected cause (benchmarks/RESULTS.md, issue 18, sixteenth session; not yet re-measured). It runs while the
 next step's kernels are queued, whose GPU time grows with the batch too.
 """
 
@@ -47,6 +47,10 @@ class PendingMetrics:
         packed = torch.stack([v.detach().reshape(()).to(torch.float64) for v in scalars.values()])
         self._scalars = HostCopy(packed)
 
+    def ready(self) -> bool:
+        """Whether `metrics` would not wait for the device."""
+        return self._scalars.ready() and self._gram.ready()
+
     def metrics(self) -> dict[str, float]:
         """The whole record (waits for the step's device values if they are not in yet)."""
         values = dict(zip(self._keys, self._scalars.get().tolist(), strict=True))
@@ -63,6 +67,9 @@ def one_intra_op_thread() -> Iterator[None]:
     """Torch's CPU operations on one thread inside the block (the module docstring says why),
     the caller's thread count restored after it."""
     threads = torch.get_num_threads()
+    if threads == 1:  # torchrun's and SLURM's usual setting: each change rebuilds the pool
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield

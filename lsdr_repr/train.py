@@ -35,7 +35,11 @@ from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
 from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError, RunDirError
 from lsdr_repr.guarded_step import GuardedStep, PendingFlag, autocast_dtype, make_scaler
-from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
+from lsdr_repr.objectives import (
+    covariance_spectrum,
+    diagnostics_from_statistics,
+    embedding_statistics,
+)
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import (
     EXIT_BAD_INPUT,
@@ -747,15 +751,22 @@ class Trainer:
     def _write_log_after_failure(self) -> None:
         """Log the pending record on the way out of a failed loop (a lost peer, a checkpoint
         error, Ctrl-C twice): its step ran, and the synchronous log had written it already.
-        Best effort: no finite flag is read (that could raise again), and a record that cannot be
-        read from a broken device is reported, not raised over the real error."""
+        Best effort: no finite flag is read (that could raise again), nothing waits for the device,
+        and a record that cannot be read is reported, not raised over the real error."""
         pending, self._pending_log = self._pending_log, None
         if pending is None:
             return
+        if not pending.ready():
+            # its step's kernels have not finished: under DDP they may wait on a collective a
+            # lost peer never joins, and waiting would hang this rank until the NCCL timeout
+            log.warning("the log record of step %d was dropped: its step had not finished on "
+                        "the device", pending.step)
+            return
         try:
+            # nonfinite_steps: the flags read so far (none is read here; they could raise again)
             metrics = {**pending.metrics(), "nonfinite_steps": self.nonfinite_total}
             self.tracker.log(metrics, pending.step)
-        except Exception as exc:  # noqa: BLE001 - the loop's own error is the one to raise
+        except BaseException as exc:  # noqa: BLE001 - the loop's own error is the one to raise
             log.warning("the log record of step %d was lost: %s", pending.step, exc)
 
     def _periodic_media(self, views: list[torch.Tensor]) -> None:
@@ -770,8 +781,9 @@ class Trainer:
                 col_labels=[f"image {j + 1}" for j in range(len(shown[0]))])
         if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
             z = self._last_projection
+            stats = {k: v.cpu() for k, v in embedding_statistics(z).items()}
             with one_intra_op_thread():  # RankMe's eigendecomposition on the host
-                rankme = embedding_diagnostics(z)["rankme"]
+                rankme = diagnostics_from_statistics(stats)["rankme"]
             self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
                                       num_samples=z.shape[0],  # this rank's batch
                                       rankme=rankme)

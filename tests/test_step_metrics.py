@@ -14,7 +14,7 @@ from test_accumulate import trainer_for
 from lsdr_repr.host_copy import HostCopy
 from lsdr_repr.objectives import embedding_diagnostics
 from lsdr_repr.preemption import EXIT_DIVERGED
-from lsdr_repr.step_metrics import PendingMetrics
+from lsdr_repr.step_metrics import PendingMetrics, one_intra_op_thread
 
 
 def test_a_host_copy_of_a_cpu_tensor_holds_its_values():
@@ -126,3 +126,49 @@ def test_a_record_finds_its_eigenvalues_on_one_thread_and_restores_the_thread_co
         assert metrics["diag/rankme"] == pytest.approx(embedding_diagnostics(z)["rankme"])
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_loops_record_that_cannot_be_read_is_reported_not_raised(sample_shards, tmp_path,
+                                                                          monkeypatch, caplog):
+    run_dir = tmp_path / "run"
+    trainer = trainer_for(sample_shards, run_dir, "train.total_steps=6",
+                          "train.checkpoint_every=100")
+
+    def unreadable(self):
+        raise RuntimeError("device lost")
+
+    def hook(t) -> None:
+        if t.step == 3:
+            monkeypatch.setattr(PendingMetrics, "metrics", unreadable)
+            raise RuntimeError("peer lost")
+
+    trainer.step_hook = hook
+    with pytest.raises(RuntimeError, match="peer lost"):  # the loop's own error, not the record's
+        trainer.run()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss/total" in r["metrics"]] == [1, 2]
+    assert "the log record of step 3 was lost: device lost" in caplog.text
+
+
+def test_one_intra_op_thread_restores_the_count_when_its_block_raises():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError), one_intra_op_thread():
+            assert torch.get_num_threads() == 1
+            raise ValueError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_spectrum_plot_gets_the_rankme_of_its_steps_projection(sample_shards, tmp_path):
+    trainer = trainer_for(sample_shards, tmp_path / "run", "train.total_steps=2",
+                          "train.checkpoint_every=100", "train.spectrum_every=2")
+    plotted: dict[int, float] = {}
+    trainer.tracker.log_spectrum = lambda eig, step, **kw: plotted.update({step: kw["rankme"]})
+    expected: dict[int, float] = {}
+    trainer.step_hook = lambda t: expected.update(
+        {t.step: embedding_diagnostics(t._last_projection)["rankme"]})
+    assert trainer.run().exit_code == 0
+    assert plotted == pytest.approx({2: expected[2]})
