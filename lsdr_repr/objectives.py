@@ -431,13 +431,35 @@ def embedding_statistics(z: Tensor) -> dict[str, Tensor]:
             "finite": finite, "gram": gram}
 
 
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Torch's CPU operations on one thread inside the block, the caller's count restored after.
+
+    For RankMe's eigendecomposition of an M x M Gram matrix (M <= per-rank batch): with one
+    thread per core, LAPACK's threads meet at a barrier for each of its many small steps, and
+    while a data loader's workers hold every core those barriers wait for threads that are not
+    running. On two saturated cores: 2-10 ms at M = 256 on one thread, 45-70 ms on 16, once
+    2.1 s on two; the suspected cause of the deferred log's 1.5-2 s per record on an H100
+    (benchmarks/RESULTS.md, issue 18, sixteenth session; not yet re-measured)."""
+    threads = torch.get_num_threads()
+    if threads == 1:  # torchrun's and SLURM's usual setting: each change rebuilds the pool
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def diagnostics_from_statistics(stats: Mapping[str, Tensor | float]) -> dict[str, float]:
     """`embedding_statistics` (on the CPU; the 0-d ones may be numbers) -> `embedding_diagnostics`'s
     floats."""
     keys = ("std_mean", "std_min", "corr_offdiag_abs", "rankme")
     if not bool(stats["finite"]):
         return dict.fromkeys(keys, math.nan)
-    eig = torch.linalg.eigvalsh(stats["gram"].double())
+    with one_intra_op_thread():
+        eig = torch.linalg.eigvalsh(stats["gram"].double())
     s = eig.clamp_min(0).sqrt()
     p = s / s.sum().clamp_min(1e-12) + 1e-7
     rankme = torch.exp(-(p * torch.log(p)).sum())

@@ -8,27 +8,19 @@ GPU has finished the step; the GPU then idles while the host launches the next o
 for ViT-S/16 on an H100, 2.8 ms per step on average).
 
 The host's part is an eigendecomposition of the M x M Gram matrix, M = min(per-rank batch, D),
-on one thread: 2-10 ms at M = 256 on a loaded 2-core machine. With torch's default of one thread
-per core, LAPACK's threads meet at a barrier for each of its many small steps, and while the data
-loader's workers hold every core those barriers wait for threads that are not running: 45-70 ms
-at 16 threads on two saturated cores here, once 2.1 s. The first GPU measurement of this deferred
-log (ViT-S/16 on an H100, 14 loader workers) lost about 1.5 s per record, with the steps between
-records at full speed; this is the one multi-threaded CPU operation in a record, so it is the
-suspected cause (benchmarks/RESULTS.md, issue 18, sixteenth session; not yet re-measured). It runs while the
-next step's kernels are queued, whose GPU time grows with the batch too.
+on one thread (`objectives.one_intra_op_thread` says why): 2-10 ms at M = 256 on a loaded 2-core
+machine. It runs while the next step's kernels are queued, whose GPU time grows with the batch
+too.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
 from lsdr_repr.host_copy import HostCopy
 from lsdr_repr.objectives import diagnostics_from_statistics, embedding_statistics
 
-__all__ = ["PendingMetrics", "one_intra_op_thread"]
+__all__ = ["PendingMetrics"]
 
 
 class PendingMetrics:
@@ -56,22 +48,6 @@ class PendingMetrics:
         values = dict(zip(self._keys, self._scalars.get().tolist(), strict=True))
         stats = {k.removeprefix("diag/"): values.pop(k)
                  for k in list(values) if k.startswith("diag/")}
-        gram = self._gram.get()
-        with one_intra_op_thread():
-            diag = diagnostics_from_statistics({**stats, "gram": gram})
+        diag = diagnostics_from_statistics({**stats, "gram": self._gram.get()})
         return {**values, **self._host, **{f"diag/{k}": v for k, v in diag.items()}}
 
-
-@contextlib.contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """Torch's CPU operations on one thread inside the block (the module docstring says why),
-    the caller's thread count restored after it."""
-    threads = torch.get_num_threads()
-    if threads == 1:  # torchrun's and SLURM's usual setting: each change rebuilds the pool
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -35,11 +35,7 @@ from lsdr_repr.checkpointer import Checkpointer
 from lsdr_repr.config import Config, config_to_dict, dump_config
 from lsdr_repr.errors import CheckpointError, ConfigError, LsdrError, RunDirError
 from lsdr_repr.guarded_step import GuardedStep, PendingFlag, autocast_dtype, make_scaler
-from lsdr_repr.objectives import (
-    covariance_spectrum,
-    diagnostics_from_statistics,
-    embedding_statistics,
-)
+from lsdr_repr.objectives import covariance_spectrum, embedding_diagnostics
 from lsdr_repr.optim import build_optimizer, build_scheduler
 from lsdr_repr.preemption import (
     EXIT_BAD_INPUT,
@@ -56,7 +52,7 @@ from lsdr_repr.rundir import CONFIG_FILE
 from lsdr_repr.runlock import RunDirLock, RunDirLocked
 from lsdr_repr.staging.feed import Staging
 from lsdr_repr.staging.prefetch import Staged
-from lsdr_repr.step_metrics import PendingMetrics, one_intra_op_thread
+from lsdr_repr.step_metrics import PendingMetrics
 from lsdr_repr.tracking import Progress, make_tracker
 
 log = logging.getLogger(__name__)
@@ -781,12 +777,9 @@ class Trainer:
                 col_labels=[f"image {j + 1}" for j in range(len(shown[0]))])
         if cfg.spectrum_every and self.step % cfg.spectrum_every == 0:
             z = self._last_projection
-            stats = {k: v.cpu() for k, v in embedding_statistics(z).items()}
-            with one_intra_op_thread():  # RankMe's eigendecomposition on the host
-                rankme = diagnostics_from_statistics(stats)["rankme"]
             self.tracker.log_spectrum(covariance_spectrum(z).cpu(), self.step,
                                       num_samples=z.shape[0],  # this rank's batch
-                                      rankme=rankme)
+                                      rankme=embedding_diagnostics(z)["rankme"])
 
 
 def _stopped(exit_code: int) -> str:

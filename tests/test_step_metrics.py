@@ -12,9 +12,9 @@ import torch
 from test_accumulate import trainer_for
 
 from lsdr_repr.host_copy import HostCopy
-from lsdr_repr.objectives import embedding_diagnostics
+from lsdr_repr.objectives import embedding_diagnostics, one_intra_op_thread
 from lsdr_repr.preemption import EXIT_DIVERGED
-from lsdr_repr.step_metrics import PendingMetrics, one_intra_op_thread
+from lsdr_repr.step_metrics import PendingMetrics
 
 
 def test_a_host_copy_of_a_cpu_tensor_holds_its_values():
