@@ -263,7 +263,12 @@ class Trainer:
             )
         self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages,
                                        global_views=cfg.augment.num_views).to(device)
-        augment = build_augment(cfg.augment, compile=cfg.train.compile_augment).to(device)
+        # The views come out in the model's memory format: channels_last views into a model
+        # that is not would still run channels_last convolutions, and model.channels_last=false
+        # is the workaround for PyTorch's compiled channels_last bug at 1 x 1 maps (README).
+        augment = build_augment(cfg.augment, compile=cfg.train.compile_augment,
+                                channels_last=None if cfg.model.channels_last else False
+                                ).to(device)
         # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
         aug_generator = torch.Generator(device=device)
         aug_generator.manual_seed(cfg.train.seed * 100_003 + self.rank)

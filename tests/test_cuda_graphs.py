@@ -74,3 +74,21 @@ def test_cuda_graph_run_logs_evaluates_and_resumes_like_the_compiled_run(sample_
     floating = [k for k in a if a[k].is_floating_point()]
     worst = max(float((a[k].float() - c[k].float()).abs().max()) for k in floating)
     assert worst < 0.05, worst
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_views_come_in_the_models_memory_format(sample_shards, tmp_path, channels_last):
+    # model.channels_last=false is the workaround for PyTorch's compiled channels_last bug at
+    # 1 x 1 maps (README): channels_last views would still run channels_last convolutions.
+    from lsdr_repr import distributed as dist
+    from lsdr_repr.config import load_config
+    from lsdr_repr.train import Trainer
+
+    cfg = load_config(DEMO, tiny_overrides(sample_shards, tmp_path, "train.device=cuda",
+                                           "log.wandb.mode=disabled",
+                                           f"model.channels_last={str(channels_last).lower()}"))
+    trainer = Trainer(cfg, dist.read_dist_env({}), torch.device("cuda"))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    views = trainer.staging.augment(images)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert views and all(v.is_contiguous(memory_format=fmt) for v in views)
