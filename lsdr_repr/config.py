@@ -145,6 +145,11 @@ class AugmentConfig:
     # kornia.augmentation modules after the built-in ops: [{op: ClassName, <kwargs>, views: [0]}]
     kornia: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def smallest_view(self) -> int:
+        """Side in pixels of the smallest view (a local crop when multi-crop is on)."""
+        return min(self.crop_size, self.local_crop_size) if self.local_crops else self.crop_size
+
 
 # The presets are data: `augment.preset: vicreg` starts from these values; keys written in the
 # file or on the command line override them.

@@ -243,8 +243,8 @@ class Trainer:
         self.scaler = make_scaler(self.autocast_dtype, device)  # fp16 only
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-        model = build_model(cfg.model).to(device)
-        if device.type == "cuda" and cfg.model.channels_last:
+        model = build_model(cfg.model, smallest_view=cfg.augment.smallest_view).to(device)
+        if device.type == "cuda" and model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if device.type == "cuda" and self.world_size > 1 and cfg.model.sync_bn:
             # BatchNorm statistics over the global batch, so the loss does not depend on how
@@ -267,7 +267,7 @@ class Trainer:
         # that is not would still run channels_last convolutions, and model.channels_last=false
         # is the workaround for PyTorch's compiled channels_last bug at 1 x 1 maps (README).
         augment = build_augment(cfg.augment, compile=cfg.train.compile_augment,
-                                channels_last=None if cfg.model.channels_last else False
+                                channels_last=None if model.channels_last else False
                                 ).to(device)
         # Augmentation randomness is per rank (different views on every GPU) and checkpointed.
         aug_generator = torch.Generator(device=device)

@@ -92,3 +92,13 @@ def test_views_come_in_the_models_memory_format(sample_shards, tmp_path, channel
     views = trainer.staging.augment(images)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert views and all(v.is_contiguous(memory_format=fmt) for v in views)
+
+
+def test_compiled_resnet_trains_on_views_whose_last_stage_map_is_one_pixel(sample_shards,
+                                                                           tmp_path):
+    # 24 px views: ResNet-18's last stage sees 1 x 1 maps, where compiled channels_last
+    # convolutions crashed in their first backward (pytorch/pytorch#171622); build_model turns
+    # channels_last off there.
+    train(sample_shards, tmp_path / "run", "default", "model.channels_last=true",
+          "train.total_steps=2", "train.eval_every=0")
+    assert sorted(logged(tmp_path / "run", "loss/total")) == [1, 2]

@@ -40,6 +40,19 @@ def test_projector_is_vicregs_layout():
     assert isinstance(build_projector(16, []), nn.Identity)
 
 
+@pytest.mark.parametrize(("view", "channels_last"), [(None, True), (64, True), (33, True),
+                                                      (32, False), (16, False)])
+def test_channels_last_is_off_where_the_last_stage_map_is_one_pixel(view, channels_last, caplog):
+    # resnet10t reduces by 32: at 32 px and less its last stage runs on 1 x 1 maps, where
+    # compiled channels_last convolutions fail on CUDA (pytorch/pytorch#171622)
+    model = build_model(ModelConfig(arch="resnet10t", projector=[16]), smallest_view=view)
+    assert model.channels_last is channels_last
+    weight = model.backbone.conv1[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+    assert ("171622" in caplog.text) is not channels_last
+    assert build_model(ModelConfig(projector=[16], **VIT), smallest_view=16).channels_last
+
+
 def test_resnet_plain_forward_and_state_dict():
     model = build_model(ModelConfig(arch="resnet10t", projector=[64, 32], channels_last=False))
     out = model(_images())

@@ -17,8 +17,13 @@ from lsdr_repr.models import SSLModel, build_projector
 logger = logging.getLogger(__name__)
 
 
-def build_model(model_cfg: ModelConfig) -> SSLModel:
-    """The SSL model for `model_cfg`: timm backbone (random init, no classifier) + projector."""
+def build_model(model_cfg: ModelConfig, smallest_view: int | None = None) -> SSLModel:
+    """The SSL model for `model_cfg`: timm backbone (random init, no classifier) + projector.
+
+    smallest_view: the side of the smallest view it will see (`AugmentConfig.smallest_view`);
+    when its last stage then works on a 1 x 1 map, channels_last is turned off (see
+    `one_pixel_last_stage`).
+    """
     arch = model_cfg.arch
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
@@ -45,13 +50,30 @@ def build_model(model_cfg: ModelConfig) -> SSLModel:
         if d <= 0:
             raise ConfigError(f"model.projector: widths must be positive, got {model_cfg.projector}")
     projector = build_projector(num_features, list(model_cfg.projector), model_cfg.projector_bn)
+    channels_last = model_cfg.channels_last
+    if channels_last and one_pixel_last_stage(backbone, smallest_view):
+        # Compiled channels_last convolutions over a 1 x 1 map fail in their first backward on
+        # CUDA (pytorch/pytorch#171622); channels_last buys nothing at such sizes anyway.
+        logger.warning("model.channels_last: off for %s: its last stage sees a 1 x 1 map at "
+                       "%d px views (pytorch/pytorch#171622)", arch, smallest_view)
+        channels_last = False
     model = SSLModel(backbone, projector, num_features, stages, channels,
-                     channels_last=model_cfg.channels_last)
-    if model_cfg.channels_last:
+                     channels_last=channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     logger.info("model %s: %d features, projector %s, stages %s", arch, num_features,
                 model_cfg.projector, stages)
     return model
+
+
+def one_pixel_last_stage(backbone: nn.Module, view: int | None) -> bool:
+    """Whether `backbone`'s last stage sees a 1 x 1 map at `view` px (its reduction >= view);
+    False when the view or the reduction (timm's feature_info) is unknown."""
+    info = getattr(backbone, "feature_info", None)
+    if view is None or not info:
+        return False
+    last = info[-1] if isinstance(info, list) else info.info[-1]
+    return int(last.get("reduction", 0)) >= view
 
 
 def _resolve_stages(backbone: nn.Module, arch: str, stages: list[int]) -> tuple[list[int], list[int]]:
