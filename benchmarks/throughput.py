@@ -882,10 +882,11 @@ def main(argv: list[str] | None = None) -> int:
             guarded(rows, "gpu-resize", "full", lambda: measure_gpu_resize(
                 trainer, data_cfg_for(cfg, shards["full"], "gpu", 1), 10))
 
-        # (c) augmentation alone
-        eager_aug = build_augment(cfg.augment, compile=False).to(device)
+        # (c) augmentation alone; views in the model's memory format, as the trainer makes them
+        layout = {"channels_last": None if trainer.model.channels_last else False}
+        eager_aug = build_augment(cfg.augment, compile=False, **layout).to(device)
         compiled_aug = (trainer.staging.augment if cfg.train.compile_augment
-                        else build_augment(cfg.augment, compile=True).to(device))
+                        else build_augment(cfg.augment, compile=True, **layout).to(device))
         augs = {"eager": eager_aug}
         if device.type == "cuda":
             augs["compiled"] = compiled_aug
@@ -893,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             # compare; augment variant "old")
             augs["old"] = build_augment(
                 dataclasses.replace(cfg.augment, fill=["reflection"]), compile=True,
-                impl={"warp": "fused", "color": "fused", "blur": "fused"}).to(device)
+                impl={"warp": "fused", "color": "fused", "blur": "fused"}, **layout).to(device)
         wanted = {n.strip() for n in args.augment_rows.split(",") if n.strip()}
         for name, aug in augs.items():
             if name in wanted:

@@ -147,7 +147,8 @@ class AugmentConfig:
 
     @property
     def smallest_view(self) -> int:
-        """Side in pixels of the smallest view (a local crop when multi-crop is on)."""
+        """Side in pixels of the smallest built-in view (a local crop when multi-crop is on;
+        `augment.kornia` modules that resize are not counted)."""
         return min(self.crop_size, self.local_crop_size) if self.local_crops else self.crop_size
 
 

@@ -84,11 +84,14 @@ def test_views_come_in_the_models_memory_format(sample_shards, tmp_path, channel
     from lsdr_repr.config import load_config
     from lsdr_repr.train import Trainer
 
+    # 64 px views: ResNet-18's last stage map is 2 x 2, so build_model keeps channels_last
     cfg = load_config(DEMO, tiny_overrides(sample_shards, tmp_path, "train.device=cuda",
-                                           "log.wandb.mode=disabled",
+                                           "log.wandb.mode=disabled", "data.image_size=64",
+                                           "augment.crop_size=64",
                                            f"model.channels_last={str(channels_last).lower()}"))
     trainer = Trainer(cfg, dist.read_dist_env({}), torch.device("cuda"))
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    assert trainer.model.channels_last is channels_last
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, device="cuda")
     views = trainer.staging.augment(images)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert views and all(v.is_contiguous(memory_format=fmt) for v in views)
@@ -98,7 +101,8 @@ def test_compiled_resnet_trains_on_views_whose_last_stage_map_is_one_pixel(sampl
                                                                            tmp_path):
     # 24 px views: ResNet-18's last stage sees 1 x 1 maps, where compiled channels_last
     # convolutions crashed in their first backward (pytorch/pytorch#171622); build_model turns
-    # channels_last off there.
+    # channels_last off there (the rule and the trainer's use of it are CPU tests in
+    # test_models.py; this one fails only on a torch that has the bug, if the rule is lost).
     train(sample_shards, tmp_path / "run", "default", "model.channels_last=true",
           "train.total_steps=2", "train.eval_every=0")
     assert sorted(logged(tmp_path / "run", "loss/total")) == [1, 2]

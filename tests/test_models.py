@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from run_dirs import DEMO, tiny_overrides
 from torch import nn
 
+from lsdr_repr import distributed as dist
 from lsdr_repr.builders.model import build_model
 from lsdr_repr.builders.objective import build_objective
-from lsdr_repr.config import ModelConfig, ObjectiveConfig
+from lsdr_repr.config import ModelConfig, ObjectiveConfig, load_config
 from lsdr_repr.models import ModelOutput, build_projector
+from lsdr_repr.train import Trainer
 
 VIT = {"arch": "vit_tiny_patch16_224", "timm_kwargs": {"img_size": 32, "patch_size": 8}}
 
@@ -50,7 +53,17 @@ def test_channels_last_is_off_where_the_last_stage_map_is_one_pixel(view, channe
     weight = model.backbone.conv1[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
     assert ("171622" in caplog.text) is not channels_last
-    assert build_model(ModelConfig(projector=[16], **VIT), smallest_view=16).channels_last
+
+
+def test_trainer_builds_the_model_for_its_smallest_view(sample_shards, tmp_path):
+    for local, channels_last in ((0, True), (2, False)):  # 64 px views; 16 px local crops
+        cfg = load_config(DEMO, tiny_overrides(
+            sample_shards, tmp_path / str(local), "data.image_size=64", "augment.crop_size=64",
+            "model.channels_last=true", f"augment.local_crops={local}",
+            "augment.local_crop_size=16", "log.wandb.mode=disabled", "data.num_workers=0"))
+        trainer = Trainer(cfg, dist.read_dist_env({}), torch.device("cpu"))
+        assert trainer.model.channels_last is channels_last
+        assert trainer.staging.augment.channels_last is (None if channels_last else False)
 
 
 def test_resnet_plain_forward_and_state_dict():

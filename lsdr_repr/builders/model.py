@@ -72,8 +72,11 @@ def one_pixel_last_stage(backbone: nn.Module, view: int | None) -> bool:
     info = getattr(backbone, "feature_info", None)
     if view is None or not info:
         return False
-    last = info[-1] if isinstance(info, list) else info.info[-1]
-    return int(last.get("reduction", 0)) >= view
+    try:  # a list of dicts on timm models, a timm FeatureInfo on feature wrappers
+        last = info[-1] if isinstance(info, list) else info.info[-1]
+        return int(last["reduction"]) >= view
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return False  # an architecture that does not say: keep the configured format
 
 
 def _resolve_stages(backbone: nn.Module, arch: str, stages: list[int]) -> tuple[list[int], list[int]]:
