@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer, data_cfg_for(cfg, shards["full"], "gpu", 1), 10))
 
         # (c) augmentation alone; views in the model's memory format, as the trainer makes them
-        layout = {"channels_last": None if trainer.model.channels_last else False}
+        layout = {"channels_last": trainer.staging.augment.channels_last}
         eager_aug = build_augment(cfg.augment, compile=False, **layout).to(device)
         compiled_aug = (trainer.staging.augment if cfg.train.compile_augment
                         else build_augment(cfg.augment, compile=True, **layout).to(device))

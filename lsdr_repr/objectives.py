@@ -439,8 +439,8 @@ def one_intra_op_thread() -> Iterator[None]:
     thread per core, LAPACK's threads meet at a barrier for each of its many small steps, and
     while a data loader's workers hold every core those barriers wait for threads that are not
     running. On two saturated cores: 2-10 ms at M = 256 on one thread, 45-70 ms on 16, once
-    2.1 s on two; the suspected cause of the deferred log's 1.5-2 s per record on an H100
-    (benchmarks/RESULTS.md, issue 18, sixteenth session; not yet re-measured)."""
+    2.1 s on two; very likely the cause of the deferred log's 1.5-2 s per record on an H100
+    (benchmarks/RESULTS.md, issue 18, sixteenth and seventeenth sessions)."""
     threads = torch.get_num_threads()
     if threads == 1:  # torchrun's and SLURM's usual setting: each change rebuilds the pool
         yield

@@ -50,4 +50,3 @@ class PendingMetrics:
                  for k in list(values) if k.startswith("diag/")}
         diag = diagnostics_from_statistics({**stats, "gram": self._gram.get()})
         return {**values, **self._host, **{f"diag/{k}": v for k, v in diag.items()}}
-

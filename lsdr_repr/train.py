@@ -243,9 +243,8 @@ class Trainer:
         self.scaler = make_scaler(self.autocast_dtype, device)  # fp16 only
 
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        # channels_last (build_model's decision) survives .to(device): it preserves the format
         model = build_model(cfg.model, smallest_view=cfg.augment.smallest_view).to(device)
-        if device.type == "cuda" and model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         if device.type == "cuda" and self.world_size > 1 and cfg.model.sync_bn:
             # BatchNorm statistics over the global batch, so the loss does not depend on how
             # many GPUs share it (SyncBatchNorm runs on GPUs only).
@@ -264,8 +263,8 @@ class Trainer:
         self.loss_fn = build_objective(cfg.objective, stages=cfg.model.stages,
                                        global_views=cfg.augment.num_views).to(device)
         # The views come out in the model's memory format: channels_last views into a model
-        # that is not would still run channels_last convolutions, and model.channels_last=false
-        # is the workaround for PyTorch's compiled channels_last bug at 1 x 1 maps (README).
+        # that is not would still run channels_last convolutions, which build_model turns off
+        # at 1 x 1 maps for PyTorch's compiled channels_last bug (pytorch/pytorch#171622).
         augment = build_augment(cfg.augment, compile=cfg.train.compile_augment,
                                 channels_last=None if model.channels_last else False
                                 ).to(device)
