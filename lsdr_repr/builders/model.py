@@ -72,10 +72,9 @@ def one_pixel_last_stage(backbone: nn.Module, view: int | None) -> bool:
     info = getattr(backbone, "feature_info", None)
     if view is None or not info:
         return False
-    try:  # a list of dicts on timm models, a timm FeatureInfo on feature wrappers
-        last = info[-1] if isinstance(info, list) else info.info[-1]
-        return int(last["reduction"]) >= view
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+    try:  # timm's list of dicts (its FeatureInfo indexes the same way)
+        return int(info[-1]["reduction"]) >= view
+    except (IndexError, KeyError, TypeError, ValueError):
         return False  # an architecture that does not say: keep the configured format
 
 
